@@ -1,0 +1,476 @@
+"""Typed configuration for the whole pipeline.
+
+A config is a preset (``tiny``, ``tiny-sdxl``, ``sd15``, ``sdxl``) plus, optionally, a YAML file plus
+``--set a.b=c`` overrides, validated by pydantic before any work starts. Values of the real presets
+follow ``METHOD.md``; every **Decision** of METHOD.md is a flag whose reference value is documented
+next to it.
+
+Each stage reads only its own section (plus the models it uses), so the stage key of one stage never
+changes when another stage's section does.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+PRESETS = ("tiny", "tiny-sdxl", "sd15", "sdxl")
+STAGE_NAMES = ("prompts", "sdxl_prefinetune", "gan_gt", "masks", "train", "evaluate")
+
+# METHOD.md §4: the reference drops these 58 background / non-object nouns (and their plurals, "noun" + "s")
+# from attribute concentration.
+BACKGROUND_NOUNS = [
+    "scene", "surface", "area", "atmosphere", "noise", "place", "kitchen", "dream", "interior",
+    "exterior", "meal", "background", "bathroom", "room", "scent", "street", "hillside",
+    "mountain", "sky", "sea", "ocean", "lost", "language", "skill", "one", "night", "day",
+    "morning", "space", "environment", "conditions", "field", "shore", "restroom", "party",
+    "grass", "snow", "meadow", "water", "shadow", "waves", "song", "cycle", "sunlight",
+    "mysteries", "wall", "salon", "range", "cry", "speech", "tone", "thing", "about", "activity",
+    "air", "advertisement", "airport", "also",
+]
+
+EVAL_CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex")
+
+
+class _Section(BaseModel):
+    """Base for config sections: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RuntimeConfig(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU")
+    seed: int = 42
+
+
+class StorageConfig(_Section):
+    root: str = Field("./comat-artifacts", description="fsspec URL: a local path, s3://bucket/prefix, gs://…, memory://…")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec storage options (e.g. {endpoint_url: …}); credentials belong in the environment")
+
+
+class ModelsConfig(_Section):
+    """Every model is a Hugging Face id, a local path, or ``tiny://<kind>`` (offline tiny zoo)."""
+
+    family: Literal["sd15", "sdxl"] = "sd15"
+    pretrained: str = "runwayml/stable-diffusion-v1-5"
+    vae: str | None = Field(None, description="optional VAE override (e.g. an fp16-safe SDXL VAE)")
+    captioner: str = "Salesforce/blip-image-captioning-large"
+    vqa: str = "Salesforce/blip-vqa-base"
+    clip: str = "openai/clip-vit-large-patch14"
+    grounding_dino: str = "IDEA-Research/grounding-dino-base"
+    sam: str = "facebook/sam-vit-huge"
+    sam_checkpoint: str | None = Field(None, description="gsam backend: segment_anything .pth checkpoint (e.g. sam_vit_h_4b8939.pth)")
+    sam_model_type: Literal["vit_h", "vit_l", "vit_b", "tiny"] = "vit_h"
+    discriminator: str = Field("runwayml/stable-diffusion-v1-5", description="SD1.5-architecture model whose UNet initialises the discriminator")
+
+
+class PromptsConfig(_Section):
+    sources: list[str] = Field(default_factory=list, description="prompt files: fsspec URLs or globs, or builtin:NAME")
+    exclude: list[str] = Field(default_factory=list, description="evaluation prompt files whose prompts are removed from training")
+    parser: Literal["auto", "offline", "spacy"] = "auto"
+    max_prompts: int | None = Field(None, ge=1, description="keep the first N unique prompts (None: all)")
+    long_prompts: Literal["warn", "truncate"] = Field(
+        "warn", description="prompts longer than the text encoder's limit: warn and keep (the encoder truncates) or cut them")
+    max_tokens: int = Field(77, ge=8)
+
+
+class GanGtConfig(_Section):
+    resolution: int = Field(512, ge=32)
+    num_inference_steps: int = Field(50, ge=1)
+    guidance_scale: float = Field(7.5, ge=0)
+    batch_size: int = Field(8, ge=1)
+    shard_size: int = Field(256, ge=1)
+    seed: int = 42
+    preview_images: int = Field(8, ge=0)
+
+
+class MasksConfig(_Section):
+    backend: Literal["hf", "gsam"] = "hf"
+    box_threshold: float = Field(0.3, ge=0, le=1)
+    text_threshold: float = Field(0.25, ge=0, le=1)
+    resolution: int | None = Field(None, ge=8, description="stored mask resolution (None: the image resolution)")
+    encoding: Literal["bitpack", "rle"] = "bitpack"
+    batch_size: int = Field(8, ge=1)
+    shard_size: int = Field(256, ge=1)
+    max_boxes_per_noun: int = Field(4, ge=1)
+    background_nouns: list[str] = Field(default_factory=lambda: list(BACKGROUND_NOUNS))
+    drop_repeated_nouns: bool = Field(True, description="reference: nouns occurring twice in a prompt are dropped")
+    detector_image_size: int | None = Field(None, ge=32, description="resize images for the detector (None: backend default)")
+
+
+class SdxlPrefinetuneConfig(_Section):
+    enabled: bool | None = Field(None, description="None: on for the sdxl family, off for sd15")
+    generation_resolution: int = Field(1024, ge=32)
+    resolution: int = Field(512, ge=32)
+    num_images: int | None = Field(None, ge=1, description="images to generate (None: one per training prompt)")
+    num_inference_steps: int = Field(50, ge=1)
+    guidance_scale: float = Field(7.5, ge=0)
+    generation_batch_size: int = Field(4, ge=1)
+    shard_size: int = Field(256, ge=1)
+    max_steps: int = Field(100, ge=1)
+    batch_size: int = Field(4, ge=1)
+    learning_rate: float = Field(1e-5, gt=0)
+    seed: int = 42
+
+
+class LoraConfig(_Section):
+    rank: int = Field(128, ge=1)
+    alpha: float = Field(128, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+class LossConfig(_Section):
+    concept_weight: float = Field(1.0, ge=0)
+    token_weight: float = Field(1e-3, ge=0)
+    pixel_weight: float = Field(5e-5, ge=0)
+    gan_weight: float = Field(1.0, ge=0, description="1.0 for SD1.5, 0.5 for SDXL (METHOD.md §5)")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="explicit: transformers' default changed to 0.0 in 4.38")
+    caption_prefix: str = "a photography of "
+    crop_max: int = Field(2, ge=0, description="random crop of 0..crop_max px per side before resizing")
+    attention_blocks: list[str] = Field(
+        default_factory=lambda: ["mid_block", "up_blocks.1", "up_blocks.2", "up_blocks.3"],
+        description="UNet blocks whose cross-attention maps feed attribute concentration")
+    attribute_steps: int = Field(2, ge=0, description="how many of the K gradient steps capture attention")
+    attribute_steps_with_replacement: bool = Field(False, description="Decision; reference: True")
+    token_loss_mean_over_layers: bool = Field(True, description="Decision; reference: False (sum over layers)")
+    drop_undetected_nouns: bool = Field(True, description="Decision; reference: False (all-zero mask supervised)")
+
+
+class DiscriminatorConfig(_Section):
+    lora_rank: int = Field(128, ge=1)
+    learning_rate: float = Field(2e-5, gt=0)
+    betas: tuple[float, float] = (0.0, 0.999)
+    weight_decay: float = Field(1e-2, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    timestep: int = Field(1, ge=0)
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(2000, ge=1)
+    batch_size: int = Field(4, ge=1, description="prompts per process per step")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(5e-5, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(1e-2, ge=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(0.1, gt=0)
+    seed: int = 42
+    resolution: int = Field(512, ge=32)
+    num_inference_steps: int = Field(50, ge=2)
+    guidance_scale: float = Field(7.5, ge=0)
+    grad_steps: int = Field(5, ge=1, description="K: UNet calls with autograd, at start + j*(T/K)")
+    gradient_checkpointing: bool = True
+    backprop_through_unet_input: bool = Field(True, description="Decision; reference: True for SD1.5, False for SDXL")
+    decode_to_unit_range: bool = Field(True, description="Decision: losses get [0,1] images; reference SDXL hands [-1,1]")
+    p_mixed: float = Field(0.0, ge=0, le=1, description="Mixed Latent probability (METHOD.md §6); default off")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    losses: LossConfig = Field(default_factory=LossConfig)
+    discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
+    checkpoint_every: int = Field(200, ge=1)
+    keep_last: int = Field(3, ge=1)
+    validation_every: int = Field(200, ge=1)
+    validation_prompts: list[str] = Field(default_factory=lambda: [
+        "A black truck has a red dog in the drivers chair.", "a green bench and a blue bowl"])
+    log_every: int = Field(10, ge=1)
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
+    num_processes: int = Field(1, ge=1)
+    num_machines: int = Field(1, ge=1)
+    machine_rank: int = Field(0, ge=0)
+    main_process_ip: str | None = None
+    main_process_port: int = Field(29500, ge=1, le=65535)
+    # Performance switches (issue 8); the defaults are the safe, plain paths.
+    merge_lora_for_nograd: bool = Field(False, description="merge LoRA into the base weights for the no-grad sampling calls")
+    compile_nograd_unet: bool = Field(False, description="torch.compile the UNet used for the no-grad sampling calls")
+    vae_decode_checkpointing: bool = Field(False, description="gradient-checkpoint the VAE decoder (saves the decode-backward peak)")
+
+    @model_validator(mode="after")
+    def _check_steps(self) -> "TrainConfig":
+        if self.grad_steps > self.num_inference_steps:
+            raise ValueError(f"grad_steps ({self.grad_steps}) must be <= num_inference_steps ({self.num_inference_steps})")
+        if self.losses.attribute_steps > self.grad_steps:
+            raise ValueError(f"losses.attribute_steps ({self.losses.attribute_steps}) must be <= grad_steps ({self.grad_steps})")
+        return self
+
+
+class EvaluateConfig(_Section):
+    categories: list[Literal["color", "shape", "texture", "spatial", "non_spatial", "complex"]] = Field(
+        default_factory=lambda: list(EVAL_CATEGORIES))
+    prompt_dir: str = Field("builtin:t2i-compbench", description="folder holding <category>_val.txt files (URL or builtin:)")
+    prompts_per_category: int | None = Field(None, ge=1, description="None: all 300")
+    images_per_prompt: int = Field(10, ge=1)
+    seed: int = 0
+    resolution: int = Field(512, ge=32)
+    num_inference_steps: int = Field(50, ge=1)
+    guidance_scale: float = Field(7.5, ge=0)
+    batch_size: int = Field(8, ge=1)
+    shard_size: int = Field(256, ge=1)
+    bootstrap_samples: int = Field(1000, ge=10)
+    grid_prompts: int = Field(4, ge=1)
+
+
+class ComatConfig(_Section):
+    preset: str = "sd15"
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    sdxl_prefinetune: SdxlPrefinetuneConfig = Field(default_factory=SdxlPrefinetuneConfig)
+    gan_gt: GanGtConfig = Field(default_factory=GanGtConfig)
+    masks: MasksConfig = Field(default_factory=MasksConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        if v not in PRESETS:
+            raise ValueError(f"unknown preset {v!r}; choose one of {', '.join(PRESETS)}")
+        return v
+
+    @property
+    def prefinetune_enabled(self) -> bool:
+        enabled = self.sdxl_prefinetune.enabled
+        return self.models.family == "sdxl" if enabled is None else enabled
+
+    def stage_order(self) -> list[str]:
+        """The stages this config runs, in dependency order."""
+        return [s for s in STAGE_NAMES if s != "sdxl_prefinetune" or self.prefinetune_enabled]
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets
+
+_TINY_EVAL_DIR = "builtin:t2i-compbench"
+
+
+def _preset_sd15() -> dict:
+    return {"preset": "sd15"}
+
+
+def _preset_sdxl() -> dict:
+    return {
+        "preset": "sdxl",
+        "models": {
+            "family": "sdxl",
+            "pretrained": "stabilityai/stable-diffusion-xl-base-1.0",
+            "vae": "madebyollin/sdxl-vae-fp16-fix",
+        },
+        "gan_gt": {"batch_size": 8},
+        "train": {
+            "batch_size": 6,
+            "learning_rate": 2e-5,
+            "losses": {"gan_weight": 0.5, "attention_blocks": ["mid_block", "up_blocks.0", "up_blocks.1"]},
+            "discriminator": {"learning_rate": 5e-5},
+        },
+        "evaluate": {"resolution": 512},
+    }
+
+
+def _tiny_common(family: str) -> dict:
+    return {
+        "models": {
+            "family": family,
+            "pretrained": f"tiny://{family}",
+            "captioner": "tiny://blip-caption",
+            "vqa": "tiny://blip-vqa",
+            "clip": "tiny://clip",
+            "grounding_dino": "tiny://grounding-dino",
+            "sam": "tiny://sam",
+            "sam_model_type": "tiny",
+            "discriminator": "tiny://sd15",
+        },
+        "storage": {"root": "./comat-artifacts/tiny" if family == "sd15" else "./comat-artifacts/tiny-sdxl"},
+        "prompts": {"sources": ["builtin:tiny_prompts.txt"], "exclude": [f"{_TINY_EVAL_DIR}/*_val*.txt"]},
+        "sdxl_prefinetune": {"generation_resolution": 128, "resolution": 64, "num_images": 8,
+                             "num_inference_steps": 4, "generation_batch_size": 4, "shard_size": 4,
+                             "max_steps": 4, "batch_size": 2, "learning_rate": 1e-4},
+        "gan_gt": {"resolution": 64, "num_inference_steps": 4, "batch_size": 8, "shard_size": 16,
+                   "preview_images": 4},
+        "masks": {"batch_size": 8, "shard_size": 16, "box_threshold": 0.05, "text_threshold": 0.05},
+        "train": {
+            "max_steps": 6, "batch_size": 2, "learning_rate": 1e-4, "resolution": 64,
+            "num_inference_steps": 6, "grad_steps": 2, "checkpoint_every": 3, "keep_last": 2,
+            "validation_every": 3, "log_every": 1, "trackers": [],
+            "lora": {"rank": 4, "alpha": 4},
+            "losses": {"attribute_steps": 1, "attention_blocks": ["mid_block", "up_blocks.0", "up_blocks.1"]},
+            "discriminator": {"lora_rank": 4},
+            "validation_prompts": ["a red cube and a blue sphere"],
+        },
+        "evaluate": {"prompts_per_category": 2, "images_per_prompt": 2, "resolution": 64,
+                     "num_inference_steps": 4, "batch_size": 8, "shard_size": 8, "bootstrap_samples": 200,
+                     "grid_prompts": 2},
+    }
+
+
+def _preset_tiny() -> dict:
+    d = _tiny_common("sd15")
+    d["preset"] = "tiny"
+    d["runtime"] = {"mixed_precision": "no"}
+    return d
+
+
+def _preset_tiny_sdxl() -> dict:
+    d = _tiny_common("sdxl")
+    d["preset"] = "tiny-sdxl"
+    d["runtime"] = {"mixed_precision": "no"}
+    d["train"]["losses"]["gan_weight"] = 0.5
+    return d
+
+
+_PRESET_BUILDERS = {"tiny": _preset_tiny, "tiny-sdxl": _preset_tiny_sdxl, "sd15": _preset_sd15, "sdxl": _preset_sdxl}
+
+
+def preset_dict(name: str) -> dict:
+    if name not in _PRESET_BUILDERS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return _PRESET_BUILDERS[name]()
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading: preset + YAML + overrides
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Merge ``override`` into a copy of ``base``; nested dicts merge, everything else replaces."""
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_known_keys(ann, dotted + "."))
+    return keys
+
+
+def _check_key(dotted: str) -> None:
+    known = _known_keys(ComatConfig)
+    if dotted not in known:
+        hint = difflib.get_close_matches(dotted, known, n=1)
+        extra = f" (did you mean {hint[0]}?)" if hint else ""
+        raise ConfigError(f"unknown config key {dotted!r}{extra}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=c`` → (``a.b``, value parsed as YAML so numbers, booleans and lists get their types)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like KEY=VALUE, e.g. train.learning_rate=1e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    _check_key(key)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _looks_like_float(raw):
+        value = float(raw)
+    return key, value
+
+
+def _looks_like_float(raw: str) -> bool:
+    try:
+        float(raw)
+        return True
+    except ValueError:
+        return False
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        nxt = d.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            d[p] = nxt
+        d = nxt
+    d[parts[-1]] = value
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    msgs = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            hint = difflib.get_close_matches(loc, _known_keys(ComatConfig), n=1)
+            msg = "unknown key" + (f" (did you mean {hint[0]}?)" if hint else "")
+        elif "input" in e and not isinstance(e["input"], (dict, list)):
+            msg = f"{msg} (got {e['input']!r})"
+        msgs.append(f"{loc}: {msg}")
+    return "invalid config: " + "; ".join(msgs)
+
+
+def _check_yaml_keys(data: dict, model: type[BaseModel] = None, prefix: str = "") -> None:
+    model = model or ComatConfig
+    for k, v in data.items():
+        dotted = f"{prefix}{k}"
+        if k not in model.model_fields:
+            _check_key(dotted)
+        ann = model.model_fields[k].annotation
+        if isinstance(v, dict) and isinstance(ann, type) and issubclass(ann, BaseModel):
+            _check_yaml_keys(v, ann, dotted + ".")
+
+
+def load_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    extra: dict | None = None,
+) -> ComatConfig:
+    """Build and validate the config: preset, then YAML file, then ``extra`` (CLI flags), then ``--set``s.
+
+    The YAML file may name its own ``preset``; an explicit ``preset`` argument wins. Raises
+    ``ConfigError`` with a one-line message naming the field and what is allowed.
+    """
+    file_data: dict = {}
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            file_data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(file_data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(file_data).__name__}")
+        _check_yaml_keys(file_data)
+    name = preset or file_data.get("preset") or "tiny"
+    data = preset_dict(name)
+    data = deep_merge(data, {k: v for k, v in file_data.items() if k != "preset"})
+    if extra:
+        data = deep_merge(data, extra)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        if key == "preset":
+            raise ConfigError("choose the preset with --preset, not --set preset=…")
+        _set_dotted(data, key, value)
+    data["preset"] = name
+    try:
+        return ComatConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None
+
+
+def config_to_yaml(cfg: ComatConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

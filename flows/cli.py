@@ -1,0 +1,143 @@
+"""The ``comat`` command.
+
+    comat run      run the pipeline (the parent Prefect flow, in-process, no server needed)
+    comat status   show each stage's key and state in a store
+    comat config   print the resolved configuration
+    comat deploy   register the deployments of deployments/prefect.yaml with a Prefect server
+
+Everything is validated before any work starts: a bad preset, key, value, prompt file, storage URL
+or model path ends with a one-line message and exit status 2, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+EXIT_USAGE = 2
+
+EPILOG = """examples:
+  comat run                                   # whole pipeline, tiny preset, ./comat-artifacts/tiny
+  comat run --preset sd15 --storage s3://bucket/comat --prompts 'data/prompts/*.txt'
+  comat run --stages prompts,gan_gt           # only these stages (their inputs must exist)
+  comat run --force train                     # recompute train (and, through new keys, evaluate)
+  comat run --set train.learning_rate=1e-4 --set train.max_steps=500
+  comat status --storage ./comat-artifacts/tiny
+  comat config --preset sdxl                  # print the resolved configuration as YAML
+"""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=["tiny", "tiny-sdxl", "sd15", "sdxl"],
+                   help="base configuration (default: tiny, or the preset named in --config)")
+    p.add_argument("--config", metavar="FILE", help="YAML file with config sections, merged over the preset")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one value, e.g. --set train.max_steps=100 (repeatable)")
+    p.add_argument("--storage", metavar="URL", help="artifact store root: a local folder, s3://bucket/prefix, gs://…")
+    p.add_argument("--prompts", action="append", default=None, metavar="URL_OR_GLOB",
+                   help="prompt files replacing the preset's sources (repeatable; one prompt per line, UTF-8)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="comat", description="CoMat fine-tuning of Stable Diffusion as a cached, resumable pipeline.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the pipeline (in-process Prefect flow)", epilog=EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(run)
+    run.add_argument("--stages", metavar="A,B", help="run only these stages (comma separated), in pipeline order")
+    run.add_argument("--force", metavar="A,B", help="recompute these stages even when complete; dependants follow")
+
+    st = sub.add_parser("status", help="show each stage's key and state (complete / partial / missing)")
+    _common(st)
+
+    cf = sub.add_parser("config", help="print the resolved configuration as YAML")
+    _common(cf)
+
+    dp = sub.add_parser("deploy", help="register deployments/prefect.yaml with the Prefect server in PREFECT_API_URL")
+    dp.add_argument("--name", action="append", default=None, help="only this deployment (repeatable)")
+    return parser
+
+
+def _split(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def config_request(args) -> dict:
+    """The ``config`` parameter of the parent flow: a JSON-able description of the config to build."""
+    return {
+        "preset": args.preset,
+        "config_file": args.config,
+        "overrides": list(args.overrides or []),
+        "storage": args.storage,
+        "prompts": args.prompts,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from comat_core.errors import ComatError
+
+    try:
+        return _dispatch(args)
+    except ComatError as e:
+        print(f"comat: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("comat: interrupted; completed shards and checkpoints are kept, rerun to resume", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    from comat_core.preflight import build_config, preflight
+
+    if args.command == "deploy":
+        from flows.deploy import deploy
+
+        return deploy(names=args.name)
+    cfg = build_config(config_request(args))
+    if args.command == "config":
+        from comat_core.config import config_to_yaml
+
+        print(config_to_yaml(cfg), end="")
+        return 0
+    if args.command == "status":
+        return _status(cfg)
+    stages, force = _split(args.stages), _split(args.force)
+    preflight(cfg, stages=stages, force=force)
+    from flows.pipeline import comat
+
+    results = comat(config=config_request(args), stages=stages, force=force)
+    width = max(len(s) for s in results) if results else 0
+    for stage, url in results.items():
+        print(f"{stage:<{width}}  {url}")
+    return 0
+
+
+def _status(cfg) -> int:
+    from comat_core.pipeline import status
+    from comat_core.storage import ArtifactStore
+
+    store = ArtifactStore(cfg.storage.root, cfg.storage.options)
+    store.check_reachable()
+    rows = status(cfg, store)
+    print(f"storage: {store.root_url}   preset: {cfg.preset}")
+    for r in rows:
+        state = r.state + (f" ({r.shards} shards)" if r.state == "partial" else "")
+        print(f"  {r.stage:<17} {r.key or '-':<17} {state:<22} {r.detail if r.state != 'waiting' else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

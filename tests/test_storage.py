@@ -1,0 +1,111 @@
+"""Artifact store: stage keys, atomic writes, manifests last, shards, verification."""
+
+import json
+import os
+import uuid
+
+import pytest
+import torch
+
+from comat_core.config import load_config
+from comat_core.errors import IntegrityError, StorageError
+from comat_core.pipeline import stage_config
+from comat_core.storage import MANIFEST, ArtifactStore, stage_key
+
+
+def mem_store():
+    return ArtifactStore(f"memory://test-{uuid.uuid4().hex}")
+
+
+def test_stage_key_same_inputs_same_key():
+    k1 = stage_key("gan_gt", {"a": 1, "b": [1, 2]}, {"prompts": "x"}, "1")
+    assert k1 == stage_key("gan_gt", {"b": [1, 2], "a": 1}, {"prompts": "x"}, "1")
+    assert k1 != stage_key("gan_gt", {"a": 2, "b": [1, 2]}, {"prompts": "x"}, "1")
+    assert k1 != stage_key("gan_gt", {"a": 1, "b": [1, 2]}, {"prompts": "y"}, "1")
+    assert k1 != stage_key("gan_gt", {"a": 1, "b": [1, 2]}, {"prompts": "x"}, "2")
+    assert k1 != stage_key("masks", {"a": 1, "b": [1, 2]}, {"prompts": "x"}, "1")
+
+
+def test_unrelated_config_does_not_change_stage_config():
+    base = load_config("tiny")
+    other = load_config("tiny", overrides=["train.learning_rate=0.5", "evaluate.images_per_prompt=3"])
+    for stage in ("gan_gt", "masks"):
+        assert stage_config(base, stage) == stage_config(other, stage)
+    assert stage_config(base, "train") != stage_config(other, "train")
+    changed = load_config("tiny", overrides=["gan_gt.guidance_scale=5"])
+    assert stage_config(base, "gan_gt") != stage_config(changed, "gan_gt")
+    assert stage_config(base, "masks") == stage_config(changed, "masks")
+
+
+@pytest.mark.parametrize("make", [mem_store, "local"])
+def test_manifest_written_last_and_verified(make, tmp_path):
+    store = ArtifactStore(str(tmp_path / "root")) if make == "local" else make()
+    w = store.writer("gan_gt", "k1")
+    w.put_bytes("a.bin", b"hello")
+    w.put_tensors("t.safetensors", {"x": torch.arange(6.0).reshape(2, 3)})
+    w.put_table("i.parquet", [{"prompt_id": "p", "row": 0}])
+    assert not store.is_complete("gan_gt", "k1")
+    manifest = w.commit(config={"c": 1}, inputs={})
+    assert store.is_complete("gan_gt", "k1")
+    assert set(manifest["files"]) == {"a.bin", "t.safetensors", "i.parquet"}
+    r = store.reader("gan_gt", "k1")
+    assert r.read_bytes("a.bin") == b"hello"
+    assert torch.equal(r.read_tensors("t.safetensors")["x"], torch.arange(6.0).reshape(2, 3))
+    assert r.read_table("i.parquet").to_pylist() == [{"prompt_id": "p", "row": 0}]
+    store.write_bytes(store.path("gan_gt", "k1", "a.bin"), b"hellO")  # tamper
+    with pytest.raises(IntegrityError, match="does not match its manifest"):
+        r.read_bytes("a.bin")
+    with pytest.raises(IntegrityError):
+        r.verify()
+
+
+def test_interrupted_write_leaves_no_manifest_and_no_partial_file(tmp_path, monkeypatch):
+    store = ArtifactStore(str(tmp_path))
+    w = store.writer("prompts", "k")
+    real_fsync = os.fsync
+
+    def crash(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(StorageError, match="disk full"):
+        w.put_bytes("prompts.parquet", b"x" * 1000)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert not (tmp_path / "prompts" / "k" / "prompts.parquet").exists()
+    assert not (tmp_path / "prompts" / "k" / MANIFEST).exists()
+    assert store.read_manifest("prompts", "k") is None
+
+
+def test_shards_commit_and_corruption_detected():
+    store = mem_store()
+    w = store.writer("gan_gt", "k")
+    w.put_bytes("latents-00000.bin", b"aaaa")
+    assert not w.shard_done("shard-00000")  # files without the shard manifest don't count
+    w.commit_shard("shard-00000", ["latents-00000.bin"], {"n": 1})
+    fresh = store.writer("gan_gt", "k")
+    assert fresh.shard_done("shard-00000")
+    assert "latents-00000.bin" in fresh.files
+    store.write_bytes(store.path("gan_gt", "k", "latents-00000.bin"), b"aaab")
+    assert not store.writer("gan_gt", "k").shard_done("shard-00000")
+    assert store.writer("gan_gt", "k").committed_shards() == ["shard-00000"]
+
+
+def test_manifest_lists_config_inputs_versions():
+    store = mem_store()
+    w = store.writer("train", "k")
+    w.put_json("x.json", {"a": 1})
+    m = w.commit(config={"lr": 1}, inputs={"prompts": {"key": "abc"}}, summary={"steps": 3}, code_version="1")
+    on_disk = json.loads(store.read_bytes(store.manifest_path("train", "k")))
+    assert on_disk == json.loads(json.dumps(m, default=str))
+    assert on_disk["software"]["torch"] and on_disk["inputs"]["prompts"]["key"] == "abc"
+    assert on_disk["files"]["x.json"]["sha256"]
+
+
+def test_unknown_protocol_and_unreachable_endpoint():
+    with pytest.raises(StorageError, match="is not usable"):
+        ArtifactStore("foo://bucket/x")
+    store = ArtifactStore("s3://comat-bucket/x", {"endpoint_url": "http://127.0.0.1:9", "key": "a", "secret": "b",
+                                                   "config_kwargs": {"retries": {"max_attempts": 1},
+                                                                     "connect_timeout": 1}})
+    with pytest.raises(StorageError, match="not reachable"):
+        store.check_reachable()
