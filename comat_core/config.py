@@ -218,6 +218,10 @@ class EvaluateConfig(_Section):
     shard_size: int = Field(256, ge=1)
     bootstrap_samples: int = Field(1000, ge=10)
     grid_prompts: int = Field(4, ge=1)
+    detector_box_threshold: float = Field(
+        0.3, ge=0, le=1, description="spatial metric: a noun counts as detected when its best Grounding DINO box scores above this")
+    parser: Literal["auto", "offline", "spacy"] = Field(
+        "offline", description="noun-phrase parser for BLIP-VQA questions and spatial objects (offline: reproducible without spaCy)")
 
 
 class ComatConfig(_Section):
@@ -310,7 +314,7 @@ def _tiny_common(family: str) -> dict:
         },
         "evaluate": {"prompts_per_category": 2, "images_per_prompt": 2, "resolution": 64,
                      "num_inference_steps": 4, "batch_size": 8, "shard_size": 8, "bootstrap_samples": 200,
-                     "grid_prompts": 2},
+                     "grid_prompts": 2, "detector_box_threshold": 0.05},
     }
 
 
@@ -326,6 +330,8 @@ def _preset_tiny_sdxl() -> dict:
     d["preset"] = "tiny-sdxl"
     d["runtime"] = {"mixed_precision": "no"}
     d["train"]["losses"]["gan_weight"] = 0.5
+    # the tiny SDXL UNet, like the real one, has no attention in its full-resolution blocks
+    d["train"]["losses"]["attention_blocks"] = ["mid_block", "up_blocks.0"]
     return d
 
 

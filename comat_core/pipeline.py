@@ -90,10 +90,7 @@ def stage_config(cfg: ComatConfig, stage: str) -> dict:
 
     spec = STAGES[stage]
     section = getattr(cfg, stage).model_dump(mode="json")
-    models = {}
-    for name in spec.models:
-        value = getattr(cfg.models, name)
-        models[name] = model_fingerprint(value) if isinstance(value, str) and name not in ("family", "sam_model_type") else value
+    models = {name: _fingerprint(name, getattr(cfg.models, name), model_fingerprint) for name in spec.models}
     runtime = {name: getattr(cfg.runtime, name) for name in spec.runtime}
     out = {"section": section, "models": models, "runtime": runtime}
     if stage == "prompts":
@@ -101,6 +98,17 @@ def stage_config(cfg: ComatConfig, stage: str) -> dict:
 
         out["sources"] = sources_fingerprint(cfg.prompts, cfg.storage.options)
     return out
+
+
+def _fingerprint(field: str, value, model_fingerprint) -> Any:
+    """Model names enter keys as fingerprints; plain settings and checkpoint files as they are."""
+    if not isinstance(value, str) or field in ("family", "sam_model_type"):
+        return value
+    if field == "sam_checkpoint":
+        import os
+
+        return f"{value}#{os.path.getsize(value) if os.path.isfile(value) else 'missing'}"
+    return model_fingerprint(value)
 
 
 @dataclass

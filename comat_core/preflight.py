@@ -40,23 +40,23 @@ def check_stage_names(cfg: ComatConfig, names: list[str] | None, what: str) -> N
 
 def check_models(cfg: ComatConfig) -> None:
     """Local model paths must exist (hub ids and tiny:// names are resolved when loaded)."""
-    from .models.loader import is_local_path
+    from .models.loader import is_local
 
     import os
 
     for name, value in cfg.models.model_dump().items():
-        if isinstance(value, str) and is_local_path(value) and not os.path.exists(os.path.expanduser(value)):
+        if isinstance(value, str) and is_local(value) and not os.path.exists(os.path.expanduser(value)):
             raise InputError(f"models.{name}: model path does not exist: {value} "
                              "(use a Hugging Face id or an existing folder)")
 
 
 def preflight(cfg: ComatConfig, stages: list[str] | None = None, force: list[str] | None = None) -> None:
-    from .prompts import sources_fingerprint
+    from .prompts import collect_prompts
     from .storage import ArtifactStore
 
     check_stage_names(cfg, stages, "--stages")
     check_stage_names(cfg, force, "--force")
     ArtifactStore(cfg.storage.root, cfg.storage.options).check_reachable()
     if stages is None or "prompts" in stages:
-        sources_fingerprint(cfg.prompts, cfg.storage.options)
+        collect_prompts(cfg.prompts, cfg.storage.options)  # every file exists, is UTF-8 and not empty
     check_models(cfg)

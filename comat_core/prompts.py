@@ -150,11 +150,9 @@ def collect_prompts(cfg: PromptsConfig, storage_options: dict | None = None) -> 
 
 def _load_tokenizer(cfg):
     """The (first) text encoder's tokenizer, to count tokens against the encoder's limit."""
-    from transformers import AutoTokenizer
+    from .models.loader import load_tokenizer
 
-    from .models.loader import resolve_model
-
-    return AutoTokenizer.from_pretrained(resolve_model(cfg.models.pretrained), subfolder="tokenizer")
+    return load_tokenizer(cfg.models.pretrained, field="models.pretrained")
 
 
 def token_lengths(tokenizer, texts: list[str]) -> list[int]:

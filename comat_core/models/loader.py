@@ -1,0 +1,322 @@
+"""Load every model the pipeline uses from one kind of name: a Hub id, a local folder or ``tiny://<kind>``.
+
+``resolve_model`` turns a configured name into what ``from_pretrained`` accepts: a Hub id is
+passed through, a local folder must exist, and ``tiny://<kind>`` is built once (atomically) into
+the cache folder (``$COMAT_CACHE`` or ``~/.cache/comat``). The typed ``load_*`` functions return
+frozen models (no gradients, eval mode) and turn "not downloaded / not found" into a one-line
+``InputError``. Remote code is never trusted; weights are read from safetensors only.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import torch
+
+from comat_core.errors import ConfigError, InputError
+from comat_core.models.tiny import TINY_KINDS, build_tiny, builder_version
+
+TINY_SCHEME = "tiny://"
+_LOCAL_PREFIXES = ("/", "./", "../", "~")
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------------------------
+# Names
+
+
+def cache_dir() -> Path:
+    """The local cache folder: ``$COMAT_CACHE`` or ``~/.cache/comat``."""
+    return Path(os.environ.get("COMAT_CACHE") or Path.home() / ".cache" / "comat").expanduser()
+
+
+def is_tiny(name: str) -> bool:
+    return name.startswith(TINY_SCHEME)
+
+
+def is_local(name: str) -> bool:
+    """A name is a local folder when it looks like a path or names an existing folder."""
+    return name.startswith(_LOCAL_PREFIXES) or os.path.isdir(name)
+
+
+def _tiny_kind(name: str) -> str:
+    kind = name[len(TINY_SCHEME) :]
+    if kind not in TINY_KINDS:
+        raise InputError(f"unknown tiny model {name!r}: use one of {', '.join(TINY_SCHEME + k for k in TINY_KINDS)}")
+    return kind
+
+
+def resolve_model(name: str, field: str | None = None) -> str:
+    """What ``from_pretrained`` should get for ``name``: a Hub id as is, or a local folder path.
+
+    ``field`` is the config key the name came from (e.g. ``models.captioner``), for error messages.
+    """
+    if not name or not name.strip():
+        raise InputError("model name is empty: set it to a Hugging Face id, a local folder or tiny://<kind>")
+    if is_tiny(name):
+        return str(_ensure_tiny(_tiny_kind(name)))
+    if is_local(name):
+        path = Path(name).expanduser().resolve()
+        if not path.is_dir():
+            raise InputError(
+                f"model path does not exist: {name} "
+                f"(set {field or 'the model setting'} to a Hugging Face id or an existing folder)"
+            )
+        return str(path)
+    return name
+
+
+def model_fingerprint(name: str) -> str:
+    """A stable string that changes when the model behind ``name`` changes (part of stage keys).
+
+    tiny:// -> kind and builder version; local folder -> path plus a hash of its config files and
+    weight file names/sizes (not the weights themselves: too slow); Hub id -> the id.
+    """
+    if is_tiny(name):
+        return f"{TINY_SCHEME}{_tiny_kind(name)}@{builder_version()}"
+    if is_local(name):
+        path = Path(resolve_model(name))
+        return f"{path}#{_folder_digest(path)}"
+    return name
+
+
+def _folder_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = file.relative_to(root).as_posix()
+        digest.update(relative.encode() + b"\0")
+        if file.suffix == ".json":
+            digest.update(file.read_bytes())
+        else:
+            digest.update(str(file.stat().st_size).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny builds: once per (kind, builder version), atomically
+
+
+def tiny_path(kind: str) -> Path:
+    return cache_dir() / "tiny" / f"{kind}-{builder_version()}"
+
+
+def _ensure_tiny(kind: str) -> Path:
+    """Build ``kind`` into the cache unless it is there; safe across crashes and concurrent processes.
+
+    The build goes to a temporary folder that is renamed into place (a crash leaves no half
+    model), under an exclusive file lock (two processes do not build the same model twice).
+    """
+    final = tiny_path(kind)
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(final.parent / f".{final.name}.lock"):
+        if final.is_dir():  # another process finished it while we waited
+            return final
+        for stale in final.parent.glob(f".tmp-{final.name}-*"):  # left by a crash
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+        try:
+            build_tiny(kind, tmp)
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """Accept a torch dtype or its config spelling ("float32", "fp16", "bf16", ...)."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}") from None
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    """Frozen: no parameter takes gradients, and eval mode (no dropout)."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def _load(what: str, name: str, load: Callable[[str], T], field: str | None = None) -> T:
+    """Run ``load`` on the resolved ``name``, turning "not found / not downloaded" into an InputError."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HFValidationError
+
+    source = resolve_model(name, field)
+    try:
+        return load(source)
+    except (OSError, HFValidationError) as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if is_tiny(name) or is_local(name):
+            raise InputError(f"cannot load {what} from {source}: {detail}") from exc
+        target = field or "the model setting"
+        if constants.HF_HUB_OFFLINE:
+            raise InputError(
+                f"cannot load {what} {name!r}: it is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
+                f"forbids downloading; download it (hf download {name}) or set {target} to a local folder"
+            ) from exc
+        raise InputError(
+            f"cannot load {what} {name!r} from the Hugging Face Hub ({detail}); "
+            f"check the id and the network, or set {target} to a local folder"
+        ) from exc
+
+
+def _hf_model(cls, what: str, name: str, dtype, device, field: str | None):
+    def load(source: str):
+        return cls.from_pretrained(source, dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=False)
+
+    return freeze(_load(what, name, load, field).to(device))
+
+
+def _hf_processor(cls, what: str, name: str, field: str | None):
+    return _load(what, name, lambda source: cls.from_pretrained(source, trust_remote_code=False), field)
+
+
+def load_sd_pipeline(
+    name: str,
+    family: Literal["sd15", "sdxl"],
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+    unet_override: str | None = None,
+    field: str | None = None,
+):
+    """A frozen diffusers Stable Diffusion pipeline (``sd15`` or ``sdxl`` family), safety checker off.
+
+    ``unet_override`` replaces the UNet: a UNet folder (``config.json``) or a pipeline folder
+    (``model_index.json``, its ``unet/`` is used), e.g. the SDXL 512-px pre-finetuned UNet.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    classes = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
+    if family not in classes:
+        raise ConfigError(f"unknown model family {family!r}: use sd15 or sdxl")
+    cls = classes[family]
+    _check_pipeline_class(name, cls.__name__, field)
+    dtype = torch_dtype(dtype)
+    kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
+    if unet_override is not None:
+        kwargs["unet"] = _load_unet(unet_override, dtype)
+
+    def load(source: str):
+        return cls.from_pretrained(source, dtype=dtype, use_safetensors=True, **kwargs)
+
+    pipe = _load(f"{family} pipeline", name, load, field).to(device)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            freeze(component)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _check_pipeline_class(name: str, expected: str, field: str | None) -> None:
+    """A local pipeline folder of the other family fails here, with a message, not deep inside diffusers."""
+    import json
+
+    if not (is_tiny(name) or is_local(name)):
+        return
+    index = Path(resolve_model(name, field)) / "model_index.json"
+    if not index.is_file():
+        raise InputError(f"{name} is not a diffusers pipeline folder (no model_index.json)")
+    found = json.loads(index.read_text()).get("_class_name")
+    if found != expected:
+        raise InputError(f"{name} holds a {found}, but the configured model family needs a {expected}")
+
+
+def _load_unet(name: str, dtype: torch.dtype):
+    from diffusers import UNet2DConditionModel
+
+    def load(source: str):
+        subfolder = "unet" if (Path(source) / "model_index.json").is_file() else None
+        return UNet2DConditionModel.from_pretrained(
+            source, subfolder=subfolder, dtype=dtype, use_safetensors=True
+        )
+
+    return _load("UNet", name, load)
+
+
+def load_tokenizer(name: str, subfolder: str | None = "tokenizer", field: str | None = None):
+    """A pipeline's tokenizer (``subfolder="tokenizer"``, or ``"tokenizer_2"``; None for a model folder)."""
+    from transformers import AutoTokenizer
+
+    def load(source: str):
+        return AutoTokenizer.from_pretrained(source, subfolder=subfolder or "", trust_remote_code=False)
+
+    return _load("tokenizer", name, load, field)
+
+
+def load_captioner(name: str, dtype=None, device="cpu", field: str | None = None):
+    """Frozen BLIP captioner and its processor: ``(BlipForConditionalGeneration, BlipProcessor)``."""
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    model = _hf_model(BlipForConditionalGeneration, "BLIP captioner", name, dtype, device, field)
+    return model, _hf_processor(BlipProcessor, "BLIP processor", name, field)
+
+
+def load_vqa(name: str, dtype=None, device="cpu", field: str | None = None):
+    """Frozen BLIP-VQA model and its processor: ``(BlipForQuestionAnswering, BlipProcessor)``."""
+    from transformers import BlipForQuestionAnswering, BlipProcessor
+
+    model = _hf_model(BlipForQuestionAnswering, "BLIP-VQA model", name, dtype, device, field)
+    return model, _hf_processor(BlipProcessor, "BLIP processor", name, field)
+
+
+def load_clip(name: str, dtype=None, device="cpu", field: str | None = None):
+    """Frozen CLIP and its processor: ``(CLIPModel, CLIPProcessor)``."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = _hf_model(CLIPModel, "CLIP model", name, dtype, device, field)
+    return model, _hf_processor(CLIPProcessor, "CLIP processor", name, field)
+
+
+def load_grounding_dino(name: str, dtype=None, device="cpu", field: str | None = None):
+    """Frozen Grounding DINO and its processor: ``(GroundingDinoForObjectDetection, GroundingDinoProcessor)``."""
+    from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor
+
+    model = _hf_model(GroundingDinoForObjectDetection, "Grounding DINO model", name, dtype, device, field)
+    return model, _hf_processor(GroundingDinoProcessor, "Grounding DINO processor", name, field)
+
+
+def load_sam(name: str, dtype=None, device="cpu", field: str | None = None):
+    """Frozen SAM and its processor: ``(SamModel, SamProcessor)``."""
+    from transformers import SamModel, SamProcessor
+
+    model = _hf_model(SamModel, "SAM model", name, dtype, device, field)
+    return model, _hf_processor(SamProcessor, "SAM processor", name, field)

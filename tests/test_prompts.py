@@ -1,0 +1,125 @@
+"""The prompts stage: multiset reading, dedup, evaluation-overlap removal, stable ids, entity spans."""
+
+import glob
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from comat_core.config import load_config
+from comat_core.errors import InputError
+from comat_core.pipeline import run_stage
+from comat_core.prompts import collect_prompts, prompt_id, read_prompts
+from comat_core.storage import ArtifactStore
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _cfg(tmp_path, sources, exclude=(), **over):
+    sets = [f"prompts.{k}={v}" for k, v in over.items()]
+    return load_config("tiny", overrides=sets, extra={
+        "storage": {"root": str(tmp_path / "store")},
+        "prompts": {"sources": [str(s) for s in sources], "exclude": [str(e) for e in exclude]}})
+
+
+@pytest.fixture
+def fixtures(tmp_path):
+    a = tmp_path / "a.txt"
+    a.write_text("a red cube and a blue sphere\n\n  a  red cube and a blue   sphere \nA Green Bench and a Blue Bowl\n"
+                 "the fluffy cat is on the left of the soft pillow\n", encoding="utf-8")
+    b = tmp_path / "b.txt"
+    b.write_text("a red cube and a blue sphere\na photo of a cat\na metallic car next to a leather sofa", encoding="utf-8")
+    ev = tmp_path / "color_val.txt"
+    ev.write_text("a green bench and a blue bowl\n", encoding="utf-8")
+    return a, b, ev
+
+
+def test_dedup_eval_overlap_and_counts(tmp_path, fixtures):
+    a, b, ev = fixtures
+    cfg = _cfg(tmp_path, [tmp_path / "*.txt"], [ev])
+    # the glob also matches the eval file itself: its prompt is read, then dropped as overlap
+    kept, counts = collect_prompts(cfg.prompts)
+    texts = [p.text for p in kept]
+    assert counts["lines_read"] == 8 and counts["unique"] == 6
+    assert counts["dropped_eval_overlap"] == 2  # "A Green Bench…" and "a green bench…" match case-insensitively
+    assert texts == ["a red cube and a blue sphere", "the fluffy cat is on the left of the soft pillow",
+                     "a photo of a cat", "a metallic car next to a leather sofa"]
+
+
+def test_stage_writes_parquet_with_entities_and_stable_ids(tmp_path, fixtures):
+    a, b, ev = fixtures
+    cfg = _cfg(tmp_path, [a, b], [ev])
+    store = ArtifactStore(cfg.storage.root)
+    res = run_stage(cfg, store, "prompts")
+    assert not res.cached and res.manifest["summary"]["kept"] == 4
+    rows = read_prompts(store.reader("prompts", res.key))
+    by_text = {r["text"]: r for r in rows}
+    cube = by_text["a red cube and a blue sphere"]
+    assert cube["prompt_id"] == prompt_id("a red cube and a blue sphere")
+    spans = {e["noun"]: (cube["text"][slice(*e["noun_span"])], [cube["text"][slice(*s)] for s in e["attribute_spans"]])
+             for e in cube["entities"]}
+    assert spans == {"cube": ("cube", ["red"]), "sphere": ("sphere", ["blue"])}
+    assert by_text["a photo of a cat"]["entities"] == []
+    # same sources in another order: same ids
+    cfg2 = _cfg(tmp_path / "other", [b, a], [ev])
+    res2 = run_stage(cfg2, ArtifactStore(cfg2.storage.root), "prompts")
+    ids2 = {r["text"]: r["prompt_id"] for r in read_prompts(ArtifactStore(cfg2.storage.root).reader("prompts", res2.key))}
+    assert ids2 == {r["text"]: r["prompt_id"] for r in rows}
+    # second run: cache hit; editing a source file: new key
+    assert run_stage(cfg, store, "prompts").cached
+    b.write_text("a red cube and a blue sphere\n", encoding="utf-8")
+    assert run_stage(cfg, store, "prompts").key != res.key
+
+
+def test_long_prompts_warn_and_keep_or_truncate(tmp_path, caplog):
+    f = tmp_path / "long.txt"
+    long = " ".join(["a red cube and a blue sphere"] * 20)
+    f.write_text(f"{long}\na red cube\n", encoding="utf-8")
+    cfg = _cfg(tmp_path, [f])
+    store = ArtifactStore(cfg.storage.root)
+    with caplog.at_level(logging.WARNING, logger="comat.prompts"):
+        res = run_stage(cfg, store, "prompts")
+    assert "exceed 77 tokens; kept" in caplog.text
+    rows = read_prompts(store.reader("prompts", res.key))
+    assert rows[0]["text"] == long and rows[0]["n_tokens"] > 77
+    assert res.manifest["summary"]["long_prompts"] == 1
+    cfg_t = _cfg(tmp_path / "t", [f], long_prompts="truncate")
+    res_t = run_stage(cfg_t, ArtifactStore(cfg_t.storage.root), "prompts")
+    row = read_prompts(ArtifactStore(cfg_t.storage.root).reader("prompts", res_t.key))[0]
+    assert len(row["text"]) < len(long) and long.startswith(row["text"]) and row["n_tokens"] == 77
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"", "is empty"),
+    (b"\n  \n", "is empty"),
+    (b"a red cube\n\xff\xfe broken", "is not UTF-8"),
+])
+def test_bad_prompt_files(tmp_path, content, needle):
+    f = tmp_path / "p.txt"
+    f.write_bytes(content)
+    cfg = _cfg(tmp_path, [f])
+    with pytest.raises(InputError, match=needle):
+        run_stage(cfg, ArtifactStore(cfg.storage.root), "prompts")
+    assert not glob.glob(str(tmp_path / "store" / "**" / "_manifest.json"), recursive=True)
+
+
+def test_missing_source(tmp_path):
+    cfg = _cfg(tmp_path, [tmp_path / "nope-*.txt"])
+    with pytest.raises(InputError, match="matches no file"):
+        run_stage(cfg, ArtifactStore(cfg.storage.root), "prompts")
+
+
+@pytest.mark.skipif(not (SHARED / "prompts" / "collected_data").is_dir(), reason="shared/ data not beside the repo")
+def test_reference_multiset_from_collected_sources(tmp_path):
+    cfg = _cfg(tmp_path, [SHARED / "prompts" / "collected_data" / "*.txt"],
+               [SHARED / "eval" / "t2i-compbench" / "*_val*.txt"])
+    kept, counts = collect_prompts(cfg.prompts)
+    assert counts["lines_read"] == 19902
+    merged = (SHARED / "prompts" / "merged_data" / "abc5k_hrs10k_t2icompall_20k.txt").read_text(encoding="utf-8")
+    assert sorted(" ".join(line.split()) for line in merged.splitlines()) == sorted(
+        " ".join(line.split()) for f in sorted(glob.glob(str(SHARED / "prompts" / "collected_data" / "*.txt")))
+        for line in Path(f).read_text(encoding="utf-8").splitlines())
+    assert counts["unique"] <= 18609 and counts["unique"] > 18500
+    assert counts["dropped_eval_overlap"] >= 32  # 30 colour-val prompts in ABC-6K, 2 spatial-val in train_all
+    assert counts["kept"] == counts["unique"] - counts["dropped_eval_overlap"]
