@@ -96,7 +96,10 @@ def stage_config(cfg: ComatConfig, stage: str) -> dict:
     if stage == "prompts":
         from .prompts import sources_fingerprint
 
+        from .entities import resolve_parser
+
         out["sources"] = sources_fingerprint(cfg.prompts, cfg.storage.options)
+        out["parser"] = resolve_parser(cfg.prompts.parser)  # "auto" differs between machines
     return out
 
 
