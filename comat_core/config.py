@@ -67,7 +67,8 @@ class ModelsConfig(_Section):
     vae: str | None = Field(None, description="optional VAE override (e.g. an fp16-safe SDXL VAE)")
     captioner: str = "Salesforce/blip-image-captioning-large"
     vqa: str = "Salesforce/blip-vqa-base"
-    clip: str = "openai/clip-vit-large-patch14"
+    clip: str = Field(
+        "openai/clip-vit-base-patch32", description="T2I-CompBench's non-spatial score uses CLIP ViT-B/32")
     grounding_dino: str = "IDEA-Research/grounding-dino-base"
     sam: str = "facebook/sam-vit-huge"
     sam_checkpoint: str | None = Field(None, description="gsam backend: segment_anything .pth checkpoint (e.g. sam_vit_h_4b8939.pth)")
@@ -330,6 +331,9 @@ def _preset_tiny_sdxl() -> dict:
     d["preset"] = "tiny-sdxl"
     d["runtime"] = {"mixed_precision": "no"}
     d["train"]["losses"]["gan_weight"] = 0.5
+    # the tiny SDXL UNet has cross-attention in its mid block and first up block only (like SDXL's
+    # 16-px blocks); its last up block, like SDXL's full-resolution one, has none
+    d["train"]["losses"]["attention_blocks"] = ["mid_block", "up_blocks.0"]
     # the tiny SDXL UNet, like the real one, has no attention in its full-resolution blocks
     d["train"]["losses"]["attention_blocks"] = ["mid_block", "up_blocks.0"]
     return d

@@ -100,6 +100,11 @@ def stage_config(cfg: ComatConfig, stage: str) -> dict:
 
         out["sources"] = sources_fingerprint(cfg.prompts, cfg.storage.options)
         out["parser"] = resolve_parser(cfg.prompts.parser)  # "auto" differs between machines
+    if stage == "evaluate":
+        from .prompts import PromptsConfig, sources_fingerprint
+
+        files = PromptsConfig(sources=[f"{cfg.evaluate.prompt_dir.rstrip('/')}/*.txt"])
+        out["prompt_files"] = sources_fingerprint(files, cfg.storage.options)["sources"]
     return out
 
 

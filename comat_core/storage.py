@@ -125,6 +125,21 @@ class ArtifactStore:
         except OSError as e:
             raise StorageError(f"cannot write {path}: {_one_line(e)}") from None
 
+    def upload_file(self, local_path: str, path: str) -> None:
+        """Copy a local file to ``path`` atomically (temp name + rename locally, one upload remotely)."""
+        try:
+            if self.is_local:
+                import shutil
+
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+                shutil.copyfile(local_path, tmp)
+                os.replace(tmp, path)
+            else:
+                self.fs.put_file(local_path, path)
+        except OSError as e:
+            raise StorageError(f"cannot write {path}: {_one_line(e)}") from None
+
     def read_bytes(self, path: str) -> bytes:
         try:
             return self.fs.cat_file(path)
@@ -238,6 +253,18 @@ class StageWriter:
         image.save(buf, format="PNG")
         return self.put_bytes(rel, buf.getvalue())
 
+    def put_file(self, rel: str, local_path: str | Path) -> FileEntry:
+        """Upload one local file, streamed (weights of several GB never sit in memory whole)."""
+        digest, size = hashlib.sha256(), 0
+        with open(local_path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+                size += len(chunk)
+        self.store.upload_file(str(local_path), self.path(rel))
+        entry = FileEntry(size, digest.hexdigest())
+        self.files[rel] = entry
+        return entry
+
     def put_local_tree(self, rel: str, local_dir: str | Path) -> list[str]:
         """Upload a local folder (e.g. a diffusers ``save_pretrained`` output) file by file."""
         written = []
@@ -245,7 +272,7 @@ class StageWriter:
         for p in sorted(local_dir.rglob("*")):
             if p.is_file():
                 sub = f"{rel}/{p.relative_to(local_dir).as_posix()}"
-                self.put_bytes(sub, p.read_bytes())
+                self.put_file(sub, p)
                 written.append(sub)
         return written
 
