@@ -331,9 +331,6 @@ def _preset_tiny_sdxl() -> dict:
     d["preset"] = "tiny-sdxl"
     d["runtime"] = {"mixed_precision": "no"}
     d["train"]["losses"]["gan_weight"] = 0.5
-    # the tiny SDXL UNet has cross-attention in its mid block and first up block only (like SDXL's
-    # 16-px blocks); its last up block, like SDXL's full-resolution one, has none
-    d["train"]["losses"]["attention_blocks"] = ["mid_block", "up_blocks.0"]
     # the tiny SDXL UNet, like the real one, has no attention in its full-resolution blocks
     d["train"]["losses"]["attention_blocks"] = ["mid_block", "up_blocks.0"]
     return d

@@ -1,0 +1,50 @@
+"""The ``train`` stage: CoMat fine-tuning of the configured model (METHOD.md §1-6).
+
+Inputs: ``prompts`` (texts and entity spans), ``gan_gt`` (one ground-truth latent per prompt, the
+discriminator's "real" data and the Mixed Latent start points), ``masks`` (per-entity object masks
+for attribute concentration) and, for SDXL, ``sdxl_prefinetune`` (its ``unet/`` folder replaces the
+generator's UNet). Trains on the prompts that have a ground-truth latent and writes
+``checkpoints/``, ``samples/``, ``lora/`` and ``metrics.parquet`` (see ``trainer.py``). A rerun of
+an interrupted stage resumes from its latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+from .errors import InputError
+from .pipeline import StageContext
+from .prompts import read_prompts
+from .trainer import TrainingSources, train
+
+
+def sources_from_inputs(ctx: StageContext) -> TrainingSources:
+    """Prompt records that have ground-truth latents, with the latent and mask readers."""
+    from .gan_gt import GanGtReader
+
+    prompts = read_prompts(ctx.inputs["prompts"])
+    gt = GanGtReader(ctx.inputs["gan_gt"])
+    available = set(gt.prompt_ids())
+    records = [p for p in prompts if str(p["prompt_id"]) in available]
+    if not records:
+        raise InputError("no prompt has a ground-truth latent in the gan_gt stage; rerun gan_gt with --force")
+    entity_masks = None
+    if "masks" in ctx.inputs:
+        from .masks.reader import MaskReader
+
+        entity_masks = MaskReader(ctx.inputs["masks"]).entity_masks
+    return TrainingSources(records, gt.latents, entity_masks)
+
+
+def prefinetuned_unet(ctx: StageContext) -> str | None:
+    """The SDXL 512-px pre-finetuned UNet folder, materialised locally, when that stage ran."""
+    reader = ctx.inputs.get("sdxl_prefinetune")
+    if reader is None:
+        return None
+    if not reader.list(prefix="unet/"):
+        raise InputError(f"the sdxl_prefinetune stage at {reader.url} has no unet/ folder; rerun it with --force")
+    return str(reader.download_tree("unet", ctx.scratch() / "prefinetuned-unet"))
+
+
+def run(ctx: StageContext) -> dict:
+    sources = sources_from_inputs(ctx)
+    return train(ctx.cfg, sources, ctx.writer, ctx.scratch(), progress=ctx.progress, hooks=ctx.hooks,
+                 unet_override=prefinetuned_unet(ctx))
