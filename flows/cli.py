@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     dp = sub.add_parser("deploy", help="register deployments/prefect.yaml with the Prefect server in PREFECT_API_URL")
     dp.add_argument("--name", action="append", default=None, help="only this deployment (repeatable)")
+    dp.add_argument("--local", action="store_true",
+                    help="local profile: every deployment on one `process` pool named `local` running this checkout")
     return parser
 
 
@@ -87,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the embedded server can take longer than Prefect's default to start on a busy 2-core machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     from comat_core.errors import ComatError
 
     try:
@@ -105,7 +110,7 @@ def _dispatch(args) -> int:
     if args.command == "deploy":
         from flows.deploy import deploy
 
-        return deploy(names=args.name)
+        return deploy(names=args.name, local=args.local)
     cfg = build_config(config_request(args))
     if args.command == "config":
         from comat_core.config import config_to_yaml

@@ -1,0 +1,264 @@
+"""Prefect UI artifacts for a stage run: progress, what was written, where, and what it looks like.
+
+Every artifact has a stable key ``comat-<stage>-<kind>`` (lowercase, dashes), so the UI's Artifacts
+page shows one history per stage and kind:
+
+* ``progress`` - a progress artifact moved by the stage's ``ctx.progress(done, total, message)``;
+* ``outputs``  - a table: stage, key, cached or computed, file count, bytes, seconds, URL;
+* ``storage``  - a link to the stage's folder in the artifact store;
+* ``images``   - the stage's preview images (gan_gt ``preview.png``, masks overlays, train
+  ``samples/*.png``, evaluation grids), embedded as base64 PNG when small, else linked;
+* ``curves``   - the training curves from ``metrics.parquet`` as a table;
+* ``report`` / ``summary`` - a stage's markdown report (``*.md``) and ``summary.json`` as a table.
+
+What gets published is read from the stage's manifest, so stages need no Prefect code and a stage
+that writes none of these files simply gets fewer artifacts. Publishing never fails a stage: a
+problem is logged as a warning (the stage's output in storage is what matters).
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from uuid import UUID
+
+from prefect.artifacts import (
+    create_image_artifact,
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from comat_core.pipeline import StageResult
+from comat_core.storage import ArtifactStore, StageReader
+
+log = logging.getLogger("comat.artifacts")
+
+IMAGE_PATTERNS = ("preview*.png", "*overlay*.png", "samples/*.png", "*grid*.png", "*side*by*side*.png")
+MAX_IMAGES = 8
+INLINE_LIMIT = 500_000  # bytes: larger images are linked, not embedded
+MAX_CURVE_ROWS = 200
+SIGNED_URL_SECONDS = 7 * 24 * 3600
+
+
+def artifact_key(stage: str, kind: str) -> str:
+    """``comat-<stage>-<kind>`` with underscores as dashes (Prefect keys: lowercase, digits, dashes)."""
+    return f"comat-{stage}-{kind}".replace("_", "-").lower()
+
+
+def _safely(what: str, fn: Callable, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - an artifact must never fail the stage it describes
+        log.warning("could not publish the %s artifact: %s: %s", what, type(e).__name__, e)
+        return None
+
+
+class ProgressReporter:
+    """A progress artifact for one stage run; ``update`` is the stage's ``ctx.progress`` callback.
+
+    Updates are throttled (one API call per ``every`` seconds, plus the final one) so a stage may
+    report every step without slowing down.
+    """
+
+    def __init__(self, stage: str, key: str, every: float = 1.0):
+        self.stage, self.key, self.every = stage, key, every
+        self.last = 0.0
+        self.percent = 0.0
+        self.id: UUID | None = _safely("progress", create_progress_artifact, 0.0, key=artifact_key(stage, "progress"),
+                                       description=f"{stage} `{key}`: starting")
+
+    def update(self, done: int, total: int, message: str = "") -> None:
+        percent = 100.0 * done / total if total else 100.0
+        self.percent = max(0.0, min(100.0, percent))
+        now = time.monotonic()
+        if self.id is None or (now - self.last < self.every and done < total):
+            return
+        self.last = now
+        text = f"{self.stage} `{self.key}`: {done}/{total} {message}".strip()
+        _safely("progress", update_progress_artifact, self.id, self.percent, description=text)
+
+    def fail(self, error: BaseException) -> None:
+        if self.id is not None:
+            text = f"{self.stage} `{self.key}`: failed at {self.percent:.0f}%: {type(error).__name__}: {error}"
+            _safely("progress", update_progress_artifact, self.id, self.percent, description=text[:1000])
+
+    def finish(self, cached: bool) -> None:
+        if self.id is not None:
+            text = f"{self.stage} `{self.key}`: " + ("cached (manifest exists)" if cached else "complete")
+            _safely("progress", update_progress_artifact, self.id, 100.0, description=text)
+
+
+def publish_stage(store: ArtifactStore, result: StageResult, seconds: float) -> None:
+    """Every artifact the stage's manifest allows (see the module docstring)."""
+    reader = StageReader(store, result.stage, result.key, result.manifest)
+    _safely("outputs", publish_outputs, reader, result, seconds)
+    _safely("storage", publish_link, store, result)
+    _safely("images", publish_images, store, reader)
+    _safely("curves", publish_curves, reader)
+    _safely("report", publish_report, reader)
+    _safely("summary", publish_summary, reader)
+
+
+def outputs_row(result: StageResult, seconds: float) -> dict:
+    files = result.manifest.get("files", {})
+    return {
+        "stage": result.stage,
+        "key": result.key,
+        "cached": result.cached,
+        "files": len(files),
+        "bytes": sum(int(f.get("size", 0)) for f in files.values()),
+        "seconds": round(float(result.manifest.get("seconds", seconds)), 3),
+        "url": result.url,
+    }
+
+
+def publish_outputs(reader: StageReader, result: StageResult, seconds: float) -> None:
+    row = outputs_row(result, seconds)
+    state = "cached: nothing recomputed" if result.cached else f"computed in {seconds:.1f} s"
+    scalars = {k: v for k, v in reader.summary.items() if isinstance(v, (int, float, str, bool))}
+    create_table_artifact([row], key=artifact_key(result.stage, "outputs"),
+                          description=f"**{result.stage}** `{result.key}` ({state})\n\n"
+                                      f"summary: `{json.dumps(scalars, default=str)[:1500]}`")
+
+
+def folder_link(store: ArtifactStore, url: str) -> str:
+    return f"file://{url}" if store.is_local else url
+
+
+def publish_link(store: ArtifactStore, result: StageResult) -> None:
+    create_link_artifact(folder_link(store, result.url), link_text=result.url,
+                         key=artifact_key(result.stage, "storage"),
+                         description=f"storage folder of {result.stage} `{result.key}` (manifest: `_manifest.json`)")
+
+
+def preview_images(files: list[str]) -> list[str]:
+    """The manifest's preview images, at most MAX_IMAGES: patterns in order, the last (latest) files of each."""
+    chosen: list[str] = []
+    for pattern in IMAGE_PATTERNS:
+        budget = MAX_IMAGES - len(chosen)
+        if budget <= 0:
+            break
+        matches = sorted(f for f in files if fnmatch.fnmatch(f, pattern) and f not in chosen)
+        chosen.extend(matches[-budget:])
+    return chosen
+
+
+def _image_markdown(store: ArtifactStore, reader: StageReader, rel: str) -> str:
+    size = int(reader.files[rel]["size"])
+    if size <= INLINE_LIMIT:
+        data = base64.b64encode(reader.read_bytes(rel)).decode()
+        return f"**{rel}**\n\n![{rel}](data:image/png;base64,{data})\n"
+    return f"**{rel}** ({size / 1e6:.1f} MB): [{rel}]({_image_url(store, reader, rel)})\n"
+
+
+def _image_url(store: ArtifactStore, reader: StageReader, rel: str) -> str:
+    path = store.path(reader.stage, reader.key, rel)
+    if store.is_local:
+        return f"file://{path}"
+    try:
+        return store.fs.sign(path, expiration=SIGNED_URL_SECONDS)
+    except (NotImplementedError, AttributeError, ValueError):
+        return store.url(reader.stage, reader.key, rel)
+
+
+def publish_images(store: ArtifactStore, reader: StageReader) -> None:
+    images = preview_images(list(reader.files))
+    if not images:
+        return
+    parts = [f"### {reader.stage} `{reader.key}`\n"] + [_image_markdown(store, reader, rel) for rel in images]
+    create_markdown_artifact("\n".join(parts), key=artifact_key(reader.stage, "images"),
+                             description=f"{len(images)} preview image(s) of {reader.stage}")
+    large = [rel for rel in images if int(reader.files[rel]["size"]) > INLINE_LIMIT]
+    if large and not store.is_local:
+        create_image_artifact(_image_url(store, reader, large[-1]), key=artifact_key(reader.stage, "image"),
+                              description=large[-1])
+
+
+def _clean(value):
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else float(f"{value:.6g}")
+    return value if isinstance(value, (int, str, bool)) or value is None else str(value)
+
+
+def curve_rows(table) -> list[dict]:
+    """Rows of a metrics table (one per logged step), thinned to at most MAX_CURVE_ROWS, last row kept."""
+    rows = table.to_pylist()
+    if len(rows) > MAX_CURVE_ROWS:
+        stride = math.ceil(len(rows) / (MAX_CURVE_ROWS - 1))  # leaves room for the last row
+        rows = rows[::stride] + ([rows[-1]] if (len(rows) - 1) % stride else [])
+    return [{k: _clean(v) for k, v in row.items()} for row in rows]
+
+
+def publish_curves(reader: StageReader) -> None:
+    for rel in reader.list(suffix="metrics.parquet"):
+        rows = curve_rows(reader.read_table(rel))
+        if rows:
+            create_table_artifact(rows, key=artifact_key(reader.stage, "curves"),
+                                  description=f"training curves from {rel} ({len(rows)} rows)")
+            return
+
+
+def publish_report(reader: StageReader) -> None:
+    reports = [f for f in reader.list(suffix=".md") if "/" not in f]
+    if reports:
+        text = "\n\n".join(reader.read_bytes(f).decode("utf-8", "replace") for f in reports)
+        create_markdown_artifact(text, key=artifact_key(reader.stage, "report"),
+                                 description=f"{reader.stage} report ({', '.join(reports)})")
+
+
+def result_rows(results: dict) -> list[dict]:
+    """The evaluate stage's ``results`` ({category: {headline_metric, metrics: {metric: {base, tuned,
+    delta, ci95, n_pairs}}}}) as one row per category and metric; [] if it has another shape."""
+    rows = []
+    for category, entry in results.items():
+        metrics = entry.get("metrics") if isinstance(entry, dict) else None
+        if not isinstance(metrics, dict):
+            return []
+        for metric, m in metrics.items():
+            if not isinstance(m, dict):
+                return []
+            ci = m.get("ci95") if isinstance(m.get("ci95"), (list, tuple)) and len(m["ci95"]) == 2 else (None, None)
+            rows.append({"category": category, "metric": metric, "headline": metric == entry.get("headline_metric"),
+                         "base": _clean(m.get("base")), "tuned": _clean(m.get("tuned")), "delta": _clean(m.get("delta")),
+                         "ci95_low": _clean(ci[0]), "ci95_high": _clean(ci[1]), "pairs": _clean(m.get("n_pairs"))})
+    return rows
+
+
+def summary_rows(summary) -> list[dict]:
+    """``summary.json`` as table rows: evaluation ``results`` per category and metric; else a list of
+    records as is, a dict of records with a ``name`` column, anything else as (key, value) rows."""
+    if isinstance(summary, dict) and isinstance(summary.get("results"), dict):
+        rows = result_rows(summary["results"])
+        if rows:
+            return rows
+    if isinstance(summary, list) and all(isinstance(r, dict) for r in summary):
+        return [{k: _clean(v) for k, v in r.items()} for r in summary]
+    if isinstance(summary, dict) and summary and all(isinstance(v, dict) for v in summary.values()):
+        return [{"name": k, **{kk: _clean(vv) for kk, vv in v.items()}} for k, v in summary.items()]
+    flat: list[dict] = []
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat.append({"key": prefix, "value": _clean(value)})
+
+    walk("", summary)
+    return flat
+
+
+def publish_summary(reader: StageReader) -> None:
+    if "summary.json" in reader.files:
+        rows = summary_rows(reader.read_json("summary.json"))
+        if rows:
+            create_table_artifact(rows, key=artifact_key(reader.stage, "summary"),
+                                  description=f"{reader.stage} summary.json")

@@ -1,0 +1,66 @@
+"""One flow per stage, so any stage can be run or rerun alone (``comat-<stage>/...`` deployments).
+
+Each flow builds the config, resolves its inputs from storage (the manifests of the stages it reads,
+at the keys the config gives them; a missing one is an ``InputError`` naming the stage to run first)
+and runs the stage's task. ``force=True`` recomputes the stage even when its manifest exists. The
+flow returns the stage's artifact URL.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from comat_core.errors import ConfigError
+from comat_core.preflight import build_config, check_models
+from flows._naming import stage_run_name
+from tasks.stage import open_store, run_stage_task
+
+
+def run_one(stage: str, config: dict | None, force: bool) -> str:
+    cfg = build_config(config)
+    if stage not in cfg.stage_order():
+        raise ConfigError(f"stage {stage} is not part of preset {cfg.preset}'s pipeline "
+                          f"({', '.join(cfg.stage_order())}); check sdxl_prefinetune.enabled / models.family")
+    open_store(cfg).check_reachable()
+    check_models(cfg)
+    return run_stage_task(stage, cfg, force=force)
+
+
+@flow(name="comat-prompts", flow_run_name=stage_run_name)
+def prompts(config: dict | None = None, force: bool = False) -> str:
+    """Read, deduplicate and parse the prompt sources into prompts.parquet."""
+    return run_one("prompts", config, force)
+
+
+@flow(name="comat-sdxl-prefinetune", flow_run_name=stage_run_name)
+def sdxl_prefinetune(config: dict | None = None, force: bool = False) -> str:
+    """SDXL only: generate 1024-px images, resize to 512 and fine-tune the UNet on them."""
+    return run_one("sdxl_prefinetune", config, force)
+
+
+@flow(name="comat-gan-gt", flow_run_name=stage_run_name)
+def gan_gt(config: dict | None = None, force: bool = False) -> str:
+    """Generate the GAN ground-truth latents from the training prompts (sharded)."""
+    return run_one("gan_gt", config, force)
+
+
+@flow(name="comat-masks", flow_run_name=stage_run_name)
+def masks(config: dict | None = None, force: bool = False) -> str:
+    """Detect and segment each prompt's nouns in the gan_gt images (sharded)."""
+    return run_one("masks", config, force)
+
+
+@flow(name="comat-train", flow_run_name=stage_run_name)
+def train(config: dict | None = None, force: bool = False) -> str:
+    """CoMat LoRA fine-tuning (resumes from the latest complete checkpoint)."""
+    return run_one("train", config, force)
+
+
+@flow(name="comat-evaluate", flow_run_name=stage_run_name)
+def evaluate(config: dict | None = None, force: bool = False) -> str:
+    """T2I-CompBench-style evaluation of the base and the fine-tuned model."""
+    return run_one("evaluate", config, force)
+
+
+STAGE_FLOWS = {"prompts": prompts, "sdxl_prefinetune": sdxl_prefinetune, "gan_gt": gan_gt,
+               "masks": masks, "train": train, "evaluate": evaluate}

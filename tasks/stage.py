@@ -1,0 +1,182 @@
+"""One thin Prefect task per stage: build the config, check the inputs, ``run_stage``, publish, return the URL.
+
+Caching
+-------
+The artifact store's manifest *is* the cache, and Prefect's own result cache is off
+(``cache_policy=NO_CACHE``, ``persist_result=False``). Reasons:
+
+* ``comat_core.pipeline.run_stage`` already returns the existing output when the stage's
+  ``_manifest.json`` exists under its stage key, and the stage key hashes the stage's config
+  section, its models, its code version and the digests of its inputs' manifests. That is exactly
+  "cache keyed on the stage key, honoured only when the manifest exists": a wiped bucket or a deleted
+  stage folder has no manifest, so the stage recomputes instead of failing on a stale Prefect record.
+* A second cache (Prefect result records) could disagree with storage, and persisting results to S3
+  would need a saved storage block holding credentials in the Prefect database. The task's result
+  is only the stage URL, which is recomputed from the key in milliseconds.
+* ``comat run`` (in-process) and deployments on remote workers then mean the same thing by "cached".
+
+A hit still shows in the UI: the task returns a ``Completed`` state named ``Cached``, and its run
+is named ``<stage>-<key>``. ``force`` wipes the stage's folder first (``run_stage(force=True)``);
+everything downstream gets new keys because the new manifest has a new digest.
+
+Retries
+-------
+Transient failures (``StorageError`` except ``IntegrityError``, ``OSError`` except missing files and
+denied permissions, connection and timeout errors, including botocore/aiohttp ones) are retried with
+exponential backoff. ``ConfigError`` and
+``InputError`` (and anything else, e.g. a bug) are not: retrying cannot fix them. A missing input
+stage is reported as ``InputError`` (run that stage first), not as a storage failure.
+
+Test hook
+---------
+``COMAT_TEST_FAIL_AT_SHARD`` (tests only) = ``N`` or ``<stage>:N`` passes
+``hooks={"fail_at_shard": N}`` to the stage, on the first attempt of the flow run and task run
+only, so a flow retry then runs the same stage without it and must resume from committed shards.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
+from prefect.tasks import exponential_backoff
+
+from comat_core.config import ComatConfig
+from comat_core.errors import InputError, IntegrityError, StorageError
+from comat_core.pipeline import STAGES, compute_key, run_stage, stage_inputs
+from comat_core.preflight import build_config
+from comat_core.storage import ArtifactStore
+
+
+RETRIES = 3
+RETRY_DELAYS = exponential_backoff(backoff_factor=10)  # 10 s, 20 s, 40 s
+FAIL_AT_SHARD_ENV = "COMAT_TEST_FAIL_AT_SHARD"
+_TRANSIENT_NAMES = ("Connection", "Timeout", "Throttl", "SlowDown", "ServiceUnavailable", "EndpointConnection")
+
+
+def config_payload(cfg: ComatConfig) -> dict:
+    """A config request that rebuilds exactly ``cfg`` anywhere (no config file to find on a worker)."""
+    return {"preset": cfg.preset, "values": cfg.model_dump(mode="json", exclude={"preset"})}
+
+
+def open_store(cfg: ComatConfig) -> ArtifactStore:
+    return ArtifactStore(cfg.storage.root, cfg.storage.options)
+
+
+# ---------------------------------------------------------------- retries
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: storage and network trouble, not configuration, input or integrity errors."""
+    if isinstance(exc, (IntegrityError, PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return False  # a retry finds the same file, the same permissions
+    if isinstance(exc, (StorageError, OSError, ConnectionError, TimeoutError)):
+        return True
+    module = type(exc).__module__.split(".")[0]
+    return module in ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "httpx") and any(
+        n in cls.__name__ for cls in type(exc).__mro__ for n in _TRANSIENT_NAMES)
+
+
+def retry_on_transient(task, task_run, state: State) -> bool:
+    """``retry_condition_fn``: retry only when the failure is transient."""
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - classify whatever the stage raised
+        return is_transient(exc)
+    return False
+
+
+# ---------------------------------------------------------------- naming and inputs
+
+def upstream(cfg: ComatConfig, stage: str) -> list[str]:
+    """Every stage ``stage`` reads, directly or through its inputs, in pipeline order."""
+    needed: set[str] = set()
+    todo = list(stage_inputs(cfg, stage))
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo.extend(stage_inputs(cfg, name))
+    return [s for s in cfg.stage_order() if s in needed]
+
+
+def check_inputs(cfg: ComatConfig, store: ArtifactStore, stage: str) -> None:
+    """Raise ``InputError`` (not retried) naming the first upstream stage with no complete output."""
+    for name in upstream(cfg, stage):
+        key = compute_key(cfg, store, name)
+        if store.read_manifest(name, key) is None:
+            raise InputError(f"stage {stage} needs {name}, which has no complete output at "
+                             f"{store.stage_url(name, key)}; run {name} first (comat run --stages {name})")
+
+
+def task_run_name(parameters: dict) -> str:
+    """``<stage>-<stage key>`` (``<stage>-waiting`` when the key cannot be computed yet)."""
+    stage = parameters.get("stage", "stage")
+    try:
+        cfg = build_config(parameters.get("config"))
+        return f"{stage}-{compute_key(cfg, open_store(cfg), stage)}"
+    except Exception:  # noqa: BLE001 - a name must never fail the run; the task reports the error
+        return f"{stage}-waiting"
+
+
+def test_hooks(stage: str) -> dict:
+    """Hooks from ``COMAT_TEST_FAIL_AT_SHARD`` for this stage, on first attempts only (tests only)."""
+    value = os.environ.get(FAIL_AT_SHARD_ENV, "").strip()
+    if not value:
+        return {}
+    target, _, shard = value.rpartition(":")
+    if target and target != stage:
+        return {}
+    from prefect.runtime import flow_run, task_run
+
+    if (flow_run.run_count or 1) > 1 or (task_run.run_count or 1) > 1:
+        return {}
+    return {"fail_at_shard": int(shard)}
+
+
+# ---------------------------------------------------------------- the task
+
+@task(
+    name="comat-stage",
+    task_run_name=task_run_name,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_on_transient,
+)
+def stage_task(stage: str, config: dict, force: bool = False) -> State:
+    """Run one stage through ``comat_core.pipeline.run_stage``; the state's data is the stage URL."""
+    from flows.artifacts import ProgressReporter, publish_stage
+
+    cfg = build_config(config)
+    store = open_store(cfg)
+    check_inputs(cfg, store, stage)
+    key = compute_key(cfg, store, stage)
+    progress = ProgressReporter(stage, key)
+    t0 = time.time()
+    try:
+        result = run_stage(cfg, store, stage, force=force, progress=progress.update, hooks=test_hooks(stage))
+    except Exception as e:
+        progress.fail(e)
+        raise
+    seconds = time.time() - t0
+    progress.finish(result.cached)
+    publish_stage(store, result, seconds)
+    if result.cached:
+        return Completed(name="Cached", message=f"{stage} {result.key}: manifest exists in storage", data=result.url)
+    return Completed(message=f"{stage} {result.key}: computed in {seconds:.1f} s", data=result.url)
+
+
+STAGE_TASKS = {name: stage_task.with_options(name=f"comat-{name}".replace("_", "-"),
+                                             tags=["comat", "gpu" if spec.gpu else "cpu"])
+               for name, spec in STAGES.items()}
+
+
+def run_stage_task(stage: str, cfg: ComatConfig, force: bool = False) -> str:
+    """Call the stage's task inside a flow and return its URL (raises if the task failed)."""
+    state = STAGE_TASKS[stage](stage=stage, config=config_payload(cfg), force=force, return_state=True)
+    return state.result()

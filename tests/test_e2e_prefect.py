@@ -1,0 +1,145 @@
+"""End to end: deployments/prefect.yaml (local profile) → a Prefect server → a process worker →
+``prefect deployment run comat/full-pipeline`` on the tiny preset with S3 storage (moto).
+
+Asserts the run completes, every stage's manifest is in the bucket, and each stage's UI artifacts
+exist (read back through the Prefect client). The worker is started here and stopped after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from comat_core.config import load_config
+from comat_core.pipeline import compute_key
+from comat_core.storage import ArtifactStore
+from services import services, stop_pid  # noqa: F401 - the session fixture
+from test_orchestration import FAST, RUNNABLE
+
+pytestmark = pytest.mark.slow
+PREFECT = [sys.executable, "-m", "prefect"]
+
+
+@pytest.fixture
+def e2e_env(services, tmp_path, monkeypatch):
+    """Variables for the deploy, the worker and its flow runs: the services, S3 endpoint, one thread."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", services["COMAT_TEST_S3_ENDPOINT"])
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "OMP_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    return env
+
+
+@pytest.fixture
+def worker(e2e_env, tmp_path):
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(PREFECT + ["worker", "start", "--pool", "local", "--type", "process", "--limit", "2"],
+                                env=e2e_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    yield proc, log
+    stop_pid(proc.pid)
+
+
+def _wait_final(flow_run_id: str, timeout: float):
+    from prefect import get_client
+
+    deadline = time.time() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            if run.state and run.state.is_final() or time.time() > deadline:
+                return run
+            time.sleep(2)
+
+
+def _artifact_keys(flow_run_id) -> set[str]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key for a in arts if a.key}
+
+
+def test_full_pipeline_deployment_runs_on_a_local_worker_with_s3(services, e2e_env, worker, monkeypatch):
+    from flows.deploy import deploy
+
+    monkeypatch.setenv("PREFECT_HOME", e2e_env["PREFECT_HOME"])
+    assert deploy(local=True) == 0
+
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        full = client.read_deployment_by_name("comat/full-pipeline")
+        retrain = client.read_deployment_by_name("comat/scheduled-retraining")
+        stage_deployments = [client.read_deployment_by_name(n) for n in
+                             ("comat-prompts/cpu", "comat-gan-gt/gpu", "comat-masks/gpu", "comat-train/gpu",
+                              "comat-evaluate/gpu", "comat-sdxl-prefinetune/gpu")]
+    assert full.work_pool_name == "local"
+    assert all(d.work_pool_name == "local" for d in stage_deployments)
+    assert retrain.schedules and not any(s.active for s in retrain.schedules)
+
+    root = f"s3://{services['COMAT_TEST_S3_BUCKET']}/e2e-{uuid.uuid4().hex[:8]}"
+    params = {"config": {"preset": "tiny", "storage": root, "overrides": FAST}}  # all stages (default)
+    flow_run_id = _deployment_run("comat/full-pipeline", params, e2e_env)
+
+    proc, log = worker
+    run = _wait_final(flow_run_id, timeout=420)
+    assert run.state.is_completed(), f"{run.state}\n--- worker log ---\n{Path(log).read_text()[-4000:]}"
+    assert run.name == "tiny: " + " > ".join(RUNNABLE)
+
+    cfg = load_config("tiny", overrides=FAST, extra={"storage": {"root": root}})
+    store = ArtifactStore(cfg.storage.root)
+    for stage in RUNNABLE:
+        key = compute_key(cfg, store, stage)
+        assert store.read_manifest(stage, key) is not None, f"{stage} has no manifest in {root}"
+
+    keys = _artifact_keys(run.id)
+    from flows.artifacts import artifact_key
+
+    for stage in RUNNABLE:
+        for kind in ("progress", "outputs", "storage"):
+            assert artifact_key(stage, kind) in keys, (stage, kind, sorted(keys))
+
+    # Fan-out: the last stage, forced, as a flow run of its own deployment under the parent.
+    last = RUNNABLE[-1]
+    before = store.read_manifest(last, compute_key(cfg, store, last))
+    params = {"config": params["config"], "stages": [last], "force": [last]}
+    parent_id = _deployment_run("comat/full-pipeline-fanout", params, e2e_env)
+    parent = _wait_final(parent_id, timeout=300)
+    assert parent.state.is_completed(), f"{parent.state}\n--- worker log ---\n{Path(log).read_text()[-4000:]}"
+    children = _child_runs(parent.id)
+    assert [c.name for c in children] == [f"tiny: {last} (force {last})"] and children[0].state.is_completed()
+    after = store.read_manifest(last, compute_key(cfg, store, last))
+    assert after["finished_at"] > before["finished_at"]
+
+    # The README's way to enable the retraining schedule.
+    out = subprocess.run(PREFECT + ["deployment", "schedule", "resume", "comat/scheduled-retraining",
+                                    str(retrain.schedules[0].id)], env=e2e_env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    with get_client(sync_client=True) as client:
+        assert client.read_deployment_by_name("comat/scheduled-retraining").schedules[0].active
+
+
+def _deployment_run(name: str, params: dict, env: dict) -> str:
+    """``prefect deployment run NAME --params JSON``; returns the new flow run's id."""
+    out = subprocess.run(PREFECT + ["deployment", "run", name, "--params", json.dumps(params)],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return re.search(r"UUID:\s*([0-9a-f-]{36})", out.stdout).group(1)
+
+
+def _child_runs(parent_id):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id])))

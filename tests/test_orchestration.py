@@ -1,0 +1,424 @@
+"""Orchestration against a real Prefect server: stage caching, force, config changes, deleted folders,
+single-stage flows, retries, resuming a crashed sharded stage, UI artifacts.
+
+The server (and moto, unused here) come from ``tests/services.py``. Flows run in this process with
+``PREFECT_API_URL`` pointing at the server; storage is a local folder per test, copied from one
+baseline run of the tiny preset (smallest settings) so each test pays only for what it recomputes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from services import services  # noqa: F401 - the session fixture
+from comat_core.config import load_config
+from comat_core.errors import ConfigError, InputError, IntegrityError, StorageError
+from comat_core.pipeline import compute_key, downstream
+from comat_core.storage import ArtifactStore
+
+# The smallest tiny run: 4 prompts, 2 per shard, two training steps, one evaluation prompt.
+FAST = [
+    "prompts.max_prompts=4",
+    "gan_gt.shard_size=2", "gan_gt.num_inference_steps=2", "gan_gt.preview_images=2",
+    "masks.shard_size=2",
+    "train.max_steps=2", "train.num_inference_steps=2", "train.grad_steps=1", "train.losses.attribute_steps=1",
+    "train.checkpoint_every=1", "train.validation_every=2",
+    "evaluate.categories=[color]", "evaluate.prompts_per_category=1", "evaluate.images_per_prompt=1",
+    "evaluate.num_inference_steps=2", "evaluate.bootstrap_samples=10", "evaluate.grid_prompts=1",
+]
+BASE_CFG = load_config("tiny", overrides=FAST)
+RUNNABLE = BASE_CFG.stage_order()  # prompts > gan_gt > masks > train > evaluate
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+def request(root: Path, *overrides: str) -> dict:
+    return {"preset": "tiny", "storage": str(root), "overrides": FAST + list(overrides)}
+
+
+def manifests(root: Path, *overrides: str) -> dict[str, dict]:
+    """{stage: manifest} for every runnable stage complete under this config."""
+    cfg = load_config("tiny", overrides=FAST + list(overrides), extra={"storage": {"root": str(root)}})
+    store = ArtifactStore(cfg.storage.root)
+    out = {}
+    for s in RUNNABLE:
+        m = store.read_manifest(s, compute_key(cfg, store, s))
+        if m is None:
+            break
+        out[s] = m
+    return out
+
+
+def run_pipeline(root: Path, *overrides: str, **kwargs):
+    """Run the parent flow; returns (results, flow_run_id, seconds)."""
+    from flows.pipeline import comat
+
+    t0 = time.time()
+    state = comat(config=request(root, *overrides), stages=RUNNABLE, return_state=True, **kwargs)
+    seconds = time.time() - t0
+    return state.result(), state.state_details.flow_run_id, seconds
+
+
+def task_runs(flow_run_id, expected: int, timeout: float = 30) -> dict[str, object]:
+    """The flow run's task runs by stage (task-run events reach the server asynchronously: poll)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.time() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        final = [r for r in runs if r.state and r.state.is_final()]
+        if len(final) >= expected or time.time() > deadline:
+            return {r.name.rsplit("-", 1)[0]: r for r in final}
+        time.sleep(0.5)
+
+
+def state_names(flow_run_id, stages: list[str]) -> dict[str, str]:
+    return {s: r.state.name for s, r in task_runs(flow_run_id, len(stages)).items()}
+
+
+def recomputed(before: dict[str, dict], after: dict[str, dict]) -> set[str]:
+    """Stages whose manifest is new (different key or a later finished_at)."""
+    return {s for s in after if s not in before or after[s]["key"] != before[s]["key"]
+            or after[s]["finished_at"] != before[s]["finished_at"]}
+
+
+@pytest.fixture(scope="module")
+def baseline(services, tmp_path_factory):
+    """One full run of the runnable stages into a fresh store (the other tests copy it)."""
+    root = tmp_path_factory.mktemp("baseline") / "store"
+    results, flow_run_id, seconds = run_pipeline(root)
+    return {"root": root, "results": results, "flow_run_id": flow_run_id, "seconds": seconds,
+            "manifests": manifests(root)}
+
+
+@pytest.fixture
+def store_copy(baseline, tmp_path) -> Path:
+    dst = tmp_path / "store"
+    shutil.copytree(baseline["root"], dst)
+    return dst
+
+
+# ---------------------------------------------------------------- the parent flow
+
+def test_first_run_computes_every_stage_and_names_runs(baseline):
+    cfg = load_config("tiny", overrides=FAST, extra={"storage": {"root": str(baseline["root"])}})
+    store = ArtifactStore(cfg.storage.root)
+    assert list(baseline["results"]) == RUNNABLE
+    for stage, url in baseline["results"].items():
+        key = compute_key(cfg, store, stage)
+        assert url == store.stage_url(stage, key)
+        assert baseline["manifests"][stage]["key"] == key
+    runs = task_runs(baseline["flow_run_id"], len(RUNNABLE))
+    assert sorted(runs) == sorted(RUNNABLE)
+    for stage, run in runs.items():
+        assert run.name == f"{stage}-{baseline['manifests'][stage]['key']}"
+        assert run.state.name == "Completed"
+
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(baseline["flow_run_id"])
+    assert flow_run.name == "tiny: " + " > ".join(RUNNABLE)
+
+
+def test_second_run_is_all_cache_hits(baseline):
+    results, flow_run_id, seconds = run_pipeline(baseline["root"])
+    assert results == baseline["results"]
+    assert recomputed(baseline["manifests"], manifests(baseline["root"])) == set()
+    assert set(state_names(flow_run_id, RUNNABLE).values()) == {"Cached"}
+    assert seconds < 0.35 * baseline["seconds"], (seconds, baseline["seconds"])
+
+
+def test_force_recomputes_the_stage_and_its_dependants_only(baseline, store_copy):
+    target = "train"
+    expected = {"train", "evaluate"}
+    assert downstream(BASE_CFG, {target}) == expected
+    results, flow_run_id, _ = run_pipeline(store_copy, force=[target])
+    after = manifests(store_copy)
+    assert recomputed(baseline["manifests"], after) == expected
+    assert after[target]["key"] == baseline["manifests"][target]["key"]  # same inputs, same key
+    for s in expected - {target}:
+        assert after[s]["key"] != baseline["manifests"][s]["key"]  # new input digest, new key
+    names = state_names(flow_run_id, RUNNABLE)
+    assert {s for s, n in names.items() if n == "Cached"} == set(RUNNABLE) - expected
+
+
+def test_config_change_recomputes_the_stage_and_its_dependants_only(baseline, store_copy):
+    change = "train.learning_rate=3e-4"
+    expected = {"train", "evaluate"}
+    run_pipeline(store_copy, change)
+    after = manifests(store_copy, change)
+    assert recomputed(baseline["manifests"], after) == expected
+    assert all(after[s]["key"] != baseline["manifests"][s]["key"] for s in expected)
+
+
+def test_deleted_stage_folder_recomputes_instead_of_failing(baseline, store_copy):
+    target = "masks"
+    shutil.rmtree(store_copy / target)
+    expected = {"masks", "train", "evaluate"}
+    results, _, _ = run_pipeline(store_copy)
+    after = manifests(store_copy)
+    assert set(after) == set(RUNNABLE)
+    assert recomputed(baseline["manifests"], after) == expected
+    assert after[target]["key"] == baseline["manifests"][target]["key"]
+
+
+def test_wiped_store_recomputes_everything(baseline, tmp_path):
+    """A store that lost everything (a wiped bucket) is a fresh run, not a crash on stale cache."""
+    from flows.pipeline import comat
+
+    root = tmp_path / "store"  # same keys as the baseline, which the server has seen complete
+    first = ["prompts", "gan_gt"]
+    state = comat(config=request(root), stages=first, return_state=True)
+    assert list(state.result()) == first
+    assert set(manifests(root)) == set(first)
+    assert set(state_names(state.state_details.flow_run_id, first).values()) == {"Completed"}
+
+
+# ---------------------------------------------------------------- single-stage flows
+
+def test_stage_flow_alone_resolves_its_inputs_from_storage(baseline, store_copy):
+    from flows.stages import STAGE_FLOWS
+
+    target = "evaluate"
+    url = STAGE_FLOWS[target](config=request(store_copy), force=True)
+    after = manifests(store_copy)
+    assert url.endswith(after[target]["key"])
+    assert recomputed(baseline["manifests"], after) == {target}
+    expected_inputs = {"train": baseline["manifests"]["train"]["key"]}
+    assert {i: v["key"] for i, v in after[target]["inputs"].items()} == expected_inputs
+
+
+def test_stage_flow_without_inputs_fails_once_naming_the_stage_to_run(services, tmp_path):
+    from flows.stages import STAGE_FLOWS
+
+    target = "evaluate"
+    state = STAGE_FLOWS[target](config=request(tmp_path / "empty"), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(InputError, match=r"needs prompts.*run prompts first"):
+        state.result()
+    runs = task_runs(state.state_details.flow_run_id, 1)
+    assert runs[target].run_count == 1  # an input error is not retried
+
+
+def test_unknown_stage_is_a_config_error(services, tmp_path):
+    from flows.pipeline import comat
+
+    state = comat(config=request(tmp_path), stages=["prompts", "nope"], return_state=True)
+    with pytest.raises(ConfigError, match="unknown --stages stage"):
+        state.result()
+
+
+# ---------------------------------------------------------------- retries
+
+def test_transient_errors_are_retried_and_config_errors_are_not():
+    from botocore.exceptions import EndpointConnectionError
+
+    from tasks.stage import is_transient
+
+    assert is_transient(StorageError("cannot write"))
+    assert is_transient(OSError("connection reset"))
+    assert is_transient(TimeoutError())
+    assert is_transient(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    assert not is_transient(IntegrityError("sha256 mismatch"))
+    assert not is_transient(PermissionError("access denied"))
+    assert not is_transient(ConfigError("bad key"))
+    assert not is_transient(InputError("no prompts"))
+    assert not is_transient(RuntimeError("a bug"))
+
+
+def test_storage_failure_is_retried_then_fails(services, tmp_path):
+    """A store root that is a file: every read is an OSError → StorageError → retried."""
+    from prefect import flow
+
+    from tasks.stage import STAGE_TASKS, config_payload
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    cfg = load_config("tiny", overrides=FAST, extra={"storage": {"root": str(blocker)}})
+    task = STAGE_TASKS["prompts"].with_options(retries=2, retry_delay_seconds=0)
+
+    @flow(name="comat-retry-probe")
+    def probe():
+        return task(stage="prompts", config=config_payload(cfg), return_state=True)
+
+    state = probe(return_state=True)
+    assert state.is_failed()
+    with pytest.raises(StorageError):
+        state.result()
+    runs = task_runs(state.state_details.flow_run_id, 1)
+    assert runs["prompts"].run_count == 3
+
+
+# ---------------------------------------------------------------- crash and resume
+
+def test_crash_in_sharded_stage_then_flow_retry_keeps_completed_shards(services, baseline, store_copy, monkeypatch):
+    from flows.pipeline import comat
+
+    stage = "gan_gt"  # 4 prompts, 2 per shard: the crash comes before shard 1
+    for s in downstream(BASE_CFG, {stage}):
+        shutil.rmtree(store_copy / s)
+    monkeypatch.setenv("COMAT_TEST_FAIL_AT_SHARD", f"{stage}:1")
+    flow = comat.with_options(retries=1, retry_delay_seconds=0)
+    state = flow(config=request(store_copy), stages=["prompts", stage], return_state=True)
+    assert state.is_completed()
+
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(state.state_details.flow_run_id)
+        runs = client.read_task_runs(flow_run_filter=_flow_filter(flow_run.id))
+    assert flow_run.run_count == 2  # the first attempt crashed, the retry completed
+    failed = [r for r in runs if r.name.startswith(f"{stage}-") and r.state.is_failed()]
+    assert failed, "the first attempt should have failed in the sharded stage"
+    crash_time = failed[0].state.timestamp.timestamp()
+
+    key = baseline["manifests"][stage]["key"]
+    shard_dir = store_copy / stage / key / "_shards"
+    committed = {p.stem: json.loads(p.read_text())["committed_at"] for p in sorted(shard_dir.glob("*.json"))}
+    assert len(committed) == 2
+    names = sorted(committed)
+    assert committed[names[0]] < crash_time  # shard 0 was committed by the crashed attempt ...
+    assert all(committed[n] > crash_time for n in names[1:])  # ... and kept; the rest came after
+    assert manifests(store_copy)[stage]["key"] == key
+
+
+def _flow_filter(flow_run_id):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    return FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+
+
+# ---------------------------------------------------------------- UI artifacts
+
+def _latest_artifact(key: str, flow_run_id):
+    """The newest artifact with this key published by this flow run (None if there is none)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]),
+                                           flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])),
+            sort=ArtifactSort.CREATED_DESC, limit=1)
+    return arts[0] if arts else None
+
+
+def test_each_stage_publishes_progress_outputs_and_storage_link(baseline):
+    from flows.artifacts import artifact_key
+
+    run = baseline["flow_run_id"]
+    for stage in RUNNABLE:
+        manifest = baseline["manifests"][stage]
+        progress = _latest_artifact(artifact_key(stage, "progress"), run)
+        assert progress is not None and progress.type == "progress" and float(progress.data) == 100.0
+        outputs = _latest_artifact(artifact_key(stage, "outputs"), run)
+        row = json.loads(outputs.data)[0] if isinstance(outputs.data, str) else outputs.data[0]
+        assert row["key"] == manifest["key"] and row["files"] == len(manifest["files"])
+        assert row["bytes"] == sum(f["size"] for f in manifest["files"].values())
+        link = _latest_artifact(artifact_key(stage, "storage"), run)
+        assert manifest["key"] in link.data
+
+
+def test_stage_specific_artifacts_follow_the_manifest(baseline):
+    from flows.artifacts import artifact_key, preview_images
+
+    run = baseline["flow_run_id"]
+    for stage in RUNNABLE:
+        files = list(baseline["manifests"][stage]["files"])
+        images = _latest_artifact(artifact_key(stage, "images"), run)
+        assert (images is not None) == bool(preview_images(files)), stage
+        if images is not None:
+            assert "data:image/png;base64," in images.data or "](" in images.data
+        has_metrics = any(f.endswith("metrics.parquet") for f in files)
+        assert (_latest_artifact(artifact_key(stage, "curves"), run) is not None) == has_metrics, stage
+        if "summary.json" in files:
+            assert _latest_artifact(artifact_key(stage, "summary"), run) is not None
+
+
+def test_progress_reporter_sends_throttled_updates_and_the_final_one(services):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterId
+
+    from flows.artifacts import ProgressReporter
+
+    def progress(artifact_id) -> float:
+        with get_client(sync_client=True) as client:
+            art = client.read_artifacts(artifact_filter=ArtifactFilter(id=ArtifactFilterId(any_=[artifact_id])))[0]
+        return float(art.data)
+
+    from prefect import flow
+
+    @flow(name="comat-progress-probe")
+    def probe() -> list[float]:
+        reporter = ProgressReporter("gan_gt", "0123456789abcdef", every=600)
+        seen = [progress(reporter.id)]
+        reporter.update(1, 10, "shard 0")
+        reporter.update(2, 10, "shard 1")  # within `every` of the last update: not sent
+        seen.append(progress(reporter.id))
+        reporter.update(10, 10, "done")  # the last step is always sent
+        seen.append(progress(reporter.id))
+        return seen
+
+    assert probe() == [0.0, 10.0, 100.0]
+
+
+def test_artifact_helpers():
+    import pyarrow as pa
+
+    from flows.artifacts import artifact_key, curve_rows, preview_images, summary_rows
+
+    assert artifact_key("gan_gt", "images") == "comat-gan-gt-images"
+    table = pa.table({"step": list(range(1000)), "loss": [1.0 / (i + 1) for i in range(1000)]})
+    rows = curve_rows(table)
+    assert len(rows) <= 200 and rows[0]["step"] == 0 and rows[-1]["step"] == 999
+    assert curve_rows(pa.table({"step": [0], "loss": [float("nan")]})) == [{"step": 0, "loss": None}]
+    files = ["preview.png", "latents-00000.safetensors"] + [f"samples/step-{i:06d}.png" for i in range(20)]
+    chosen = preview_images(files)
+    assert chosen[0] == "preview.png" and len(chosen) == 8 and chosen[-1] == "samples/step-000019.png"
+    assert summary_rows({"base": {"color": 0.5}, "tuned": {"color": 0.6}}) == [
+        {"name": "base", "color": 0.5}, {"name": "tuned", "color": 0.6}]
+    assert summary_rows({"a": 1, "b": {"c": 2}}) == [{"key": "a", "value": 1}, {"key": "b.c", "value": 2}]
+    results = {"color": {"headline_metric": "blip_vqa", "metrics": {
+        "blip_vqa": {"base": 0.25, "tuned": 0.5, "delta": 0.25, "ci95": [0.125, 0.375], "n_pairs": 4}}}}
+    assert summary_rows({"code": {"v": "1"}, "results": results}) == [
+        {"category": "color", "metric": "blip_vqa", "headline": True, "base": 0.25, "tuned": 0.5, "delta": 0.25,
+         "ci95_low": 0.125, "ci95_high": 0.375, "pairs": 4}]
+
+
+# ---------------------------------------------------------------- deployments
+
+def test_prefect_yaml_declares_the_deployments_and_the_local_profile_moves_them_to_one_pool():
+    from flows.deploy import REPO, load_spec, local_profile, pools_of
+
+    spec = load_spec()
+    by_flow = {(d["entrypoint"], d["name"]) for d in spec["deployments"]}
+    assert ("flows/pipeline.py:comat", "full-pipeline") in by_flow
+    assert ("flows/stages.py:prompts", "cpu") in by_flow
+    for stage in ("sdxl_prefinetune", "gan_gt", "masks", "train", "evaluate"):
+        assert (f"flows/stages.py:{stage}", "gpu") in by_flow
+    retrain = next(d for d in spec["deployments"] if d["name"] == "scheduled-retraining")
+    assert retrain["schedules"][0]["cron"] and retrain["schedules"][0]["active"] is False
+    assert pools_of(spec) == {"cpu", "gpu"}
+    gpu = next(d for d in spec["deployments"] if d["name"] == "gpu")["work_pool"]["job_variables"]
+    assert gpu["gpu_count"] == 1 and gpu["image"]
+
+    local = local_profile(spec)
+    assert pools_of(local) == {"local"}
+    assert local["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(REPO)
+    assert [d["name"] for d in local["deployments"]] == [d["name"] for d in spec["deployments"]]
+
+
+def test_deploy_names_the_missing_work_pool(services):
+    from flows.deploy import deploy
+
+    with pytest.raises(ConfigError, match="work pool 'cpu' does not exist.*prefect work-pool create cpu"):
+        deploy()
