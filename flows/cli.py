@@ -92,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     # the embedded server can take longer than Prefect's default to start on a busy 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    if not args.verbose:  # keep the stages' own progress bars; hide the libraries' per-model chatter
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
     from comat_core.errors import ComatError
 
     try:
