@@ -100,7 +100,7 @@ class MasksConfig(_Section):
     backend: Literal["hf", "gsam"] = "hf"
     box_threshold: float = Field(0.3, ge=0, le=1)
     text_threshold: float = Field(0.25, ge=0, le=1)
-    resolution: int | None = Field(None, ge=8, description="stored mask resolution (None: the image resolution)")
+    resolution: int | None = Field(None, ge=64, description="stored mask resolution, at least 64 (None: the image resolution)")
     encoding: Literal["bitpack", "rle"] = "bitpack"
     batch_size: int = Field(8, ge=1)
     shard_size: int = Field(256, ge=1)
@@ -191,10 +191,19 @@ class TrainConfig(_Section):
     machine_rank: int = Field(0, ge=0)
     main_process_ip: str | None = None
     main_process_port: int = Field(29500, ge=1, le=65535)
-    # Performance switches (issue 8); the defaults are the safe, plain paths.
-    merge_lora_for_nograd: bool = Field(False, description="merge LoRA into the base weights for the no-grad sampling calls")
-    compile_nograd_unet: bool = Field(False, description="torch.compile the UNet used for the no-grad sampling calls")
-    vae_decode_checkpointing: bool = Field(False, description="gradient-checkpoint the VAE decoder (saves the decode-backward peak)")
+    # Performance switches (issue 8); the defaults are the safe, plain paths. See comat_core/nograd.py and
+    # benchmarks/RESULTS.md for what each is expected to buy.
+    merge_lora_for_nograd: bool = Field(
+        False, description="no-grad sampling calls use a copy of the UNet with the LoRA merged into its weights "
+                            "(re-merged after each optimizer step; same function, no LoRA kernels)")
+    compile_nograd_unet: bool = Field(
+        False, description="torch.compile (dynamic=False) the UNet used for the no-grad sampling calls")
+    nograd_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "reduce-overhead", description="torch.compile mode of the no-grad UNet; reduce-overhead adds CUDA graphs on GPU")
+    nograd_compile_max_shapes: int = Field(
+        4, ge=1, description="input shapes compiled at most (train batch, validation batch, ...); others run eagerly")
+    vae_decode_checkpointing: bool = Field(
+        False, description="gradient-checkpoint the VAE decoder (saves the decode-backward peak)")
 
     @model_validator(mode="after")
     def _check_steps(self) -> "TrainConfig":
