@@ -133,7 +133,8 @@ def test_second_run_is_all_cache_hits(baseline):
     assert results == baseline["results"]
     assert recomputed(baseline["manifests"], manifests(baseline["root"])) == set()
     assert set(state_names(flow_run_id, RUNNABLE).values()) == {"Cached"}
-    assert seconds < 0.35 * baseline["seconds"], (seconds, baseline["seconds"])
+    # loose on purpose (a shared 2-core CI box): the real check is above, no stage function ran
+    assert seconds < 0.75 * baseline["seconds"], (seconds, baseline["seconds"])
 
 
 def test_force_recomputes_the_stage_and_its_dependants_only(baseline, store_copy):
