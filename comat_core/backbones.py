@@ -15,6 +15,18 @@ on the model family. A backbone wraps a frozen diffusers pipeline and offers:
   the reference SDXL path, which handed the VAE's [-1, 1] output to the losses),
 * ``scheduler``: a ``DDPMScheduler`` built from the model's own scheduler config,
 * ``latent_shape(res)`` and ``vae_scale``.
+
+Performance (issue 8; the reference measurements are in ``../shared/bench/REFERENCE_RESULTS.md``):
+
+* timesteps reach the UNet as 0-d tensors cached on the device, one per timestep value. Given a
+  Python int, diffusers builds ``torch.tensor([t], device=...)`` on every call, a blocking
+  host-to-device copy (a stream synchronisation) in each of the 50 sampling calls;
+* ``nograd_unet`` (None by default): the module used for UNet calls made under ``torch.no_grad``
+  (``comat_core.nograd.NoGradUNet``: LoRA merged, optionally compiled). Calls with autograd always
+  use ``unet``;
+* ``enable_decode_checkpointing()``: gradient checkpointing of the VAE decoder, layer by layer
+  (see :func:`checkpoint_decoder_layers`); its non-checkpointed backward sets the step's memory
+  peak (24.4 GiB of 38.6 at SD1.5 batch 4).
 """
 
 from __future__ import annotations
@@ -99,6 +111,8 @@ class Backbone:
         if resolution % self.vae_scale:
             raise ConfigError(f"train.resolution {resolution} must be a multiple of the VAE factor {self.vae_scale}")
         self._null: Conditioning | None = None
+        self._timesteps: dict[int, torch.Tensor] = {}
+        self.nograd_unet = None  # a NoGradUNet, set by the trainer when a performance switch asks for it
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -164,14 +178,33 @@ class Backbone:
         return ids
 
     # ------------------------------------------------------------------ model calls
+    def timestep(self, t: int | torch.Tensor) -> torch.Tensor:
+        """``t`` as a 0-d int64 tensor on the device, created once per value (no copy per call)."""
+        if isinstance(t, torch.Tensor):
+            return t
+        cached = self._timesteps.get(int(t))
+        if cached is None:
+            cached = self._timesteps[int(t)] = torch.tensor(int(t), dtype=torch.int64, device=self.device)
+        return cached
+
     def unet_call(self, latents: torch.Tensor, t: int | torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """The noise prediction for ``latents`` at timestep ``t`` (rows of ``latents`` match ``cond``)."""
+        """The noise prediction for ``latents`` at timestep ``t`` (rows of ``latents`` match ``cond``).
+
+        Under ``torch.no_grad`` the call goes to ``nograd_unet`` when one is set.
+        """
         added = None
         if cond.pooled is not None:
             added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
-        out = self.unet(latents.to(self.dtype), t, encoder_hidden_states=cond.prompt_embeds,
-                        added_cond_kwargs=added, return_dict=False)[0]
+        unet = self.unet
+        if self.nograd_unet is not None and not torch.is_grad_enabled():
+            unet = self.nograd_unet
+        out = unet(latents.to(self.dtype), self.timestep(t), encoder_hidden_states=cond.prompt_embeds,
+                   added_cond_kwargs=added, return_dict=False)[0]
         return out.float()
+
+    def enable_decode_checkpointing(self) -> int:
+        """Checkpoint the VAE decoder layer by layer (:func:`checkpoint_decoder_layers`); returns the layer count."""
+        return checkpoint_decoder_layers(self.vae)
 
     def decode(self, latents: torch.Tensor, unit_range: bool | None = None) -> torch.Tensor:
         """VAE decode with autograd: [0, 1] images (or the raw [-1, 1] with ``decode_to_unit_range=False``).
@@ -191,6 +224,39 @@ class Backbone:
     def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
         res = resolution or self.resolution
         return (int(self.unet.config.in_channels), res // self.vae_scale, res // self.vae_scale)
+
+
+def checkpoint_decoder_layers(vae) -> int:
+    """Gradient-checkpoint every resnet, attention and upsampler of ``vae.decoder`` (non-reentrant).
+
+    Only the layers' inputs are kept for backward, and each layer's activations are recomputed
+    there, one layer at a time. diffusers' own ``enable_gradient_checkpointing`` works per block; at
+    512 px its last up block alone re-creates 5.75 GiB (bf16, batch 4) in backward, the largest
+    single layer 2.75 GiB (``benchmarks/train_step.py --memory-estimate``). The recomputation is the
+    same forward either way (about one extra decoder forward). The layers' ``forward`` is wrapped
+    on the instance, so the module tree and the state dict are unchanged; the VAE is frozen, only
+    the latents get gradients. Without autograd (validation, ``torch.no_grad``) the plain forward runs.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    decoder = vae.decoder
+    layers = []
+    for block in [decoder.mid_block, *decoder.up_blocks]:
+        for group in ("resnets", "attentions", "upsamplers"):
+            layers += [m for m in (getattr(block, group, None) or []) if m is not None]
+    for layer in layers:
+        if getattr(layer, "_comat_checkpointed", False):
+            continue
+        forward = layer.forward
+
+        def checkpointed(*args, _forward=forward, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return _forward(*args, **kwargs)
+
+        layer.forward = checkpointed
+        layer._comat_checkpointed = True
+    return len(layers)
 
 
 def _load_vae(name: str, dtype: torch.dtype):

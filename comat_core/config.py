@@ -157,6 +157,14 @@ class DiscriminatorConfig(_Section):
     timestep: int = Field(1, ge=0)
 
 
+LAUNCH_FIELDS = ("num_processes", "num_machines", "machine_rank", "main_process_ip", "main_process_port")
+
+
+# Switches that change speed and memory, not the method (tests/test_perf_switches.py): not in the key.
+PERF_FIELDS = ("merge_lora_for_nograd", "compile_nograd_unet", "nograd_compile_mode", "nograd_compile_max_shapes",
+               "vae_decode_checkpointing")
+
+
 class TrainConfig(_Section):
     max_steps: int = Field(2000, ge=1)
     batch_size: int = Field(4, ge=1, description="prompts per process per step")
@@ -186,11 +194,13 @@ class TrainConfig(_Section):
         "A black truck has a red dog in the drivers chair.", "a green bench and a blue bowl"])
     log_every: int = Field(10, ge=1)
     trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
-    num_processes: int = Field(1, ge=1)
-    num_machines: int = Field(1, ge=1)
-    machine_rank: int = Field(0, ge=0)
-    main_process_ip: str | None = None
-    main_process_port: int = Field(29500, ge=1, le=65535)
+    # Data parallel under `accelerate launch` (comat_core/train_launch.py); 1 process trains in-process.
+    num_processes: int = Field(1, ge=1, description="processes in all (GPUs over all machines); global batch = "
+                                                    "batch_size x num_processes x gradient_accumulation_steps")
+    num_machines: int = Field(1, ge=1, description="machines; each runs num_processes / num_machines processes")
+    machine_rank: int = Field(0, ge=0, description="this machine's rank; machine 0 runs the train stage, the others join")
+    main_process_ip: str | None = Field(None, description="address of machine 0 (rendezvous), when num_machines > 1")
+    main_process_port: int = Field(29500, ge=1, le=65535, description="rendezvous port on machine 0 (num_machines > 1)")
     # Performance switches (issue 8); the defaults are the safe, plain paths. See comat_core/nograd.py and
     # benchmarks/RESULTS.md for what each is expected to buy.
     merge_lora_for_nograd: bool = Field(
@@ -204,6 +214,22 @@ class TrainConfig(_Section):
         4, ge=1, description="input shapes compiled at most (train batch, validation batch, ...); others run eagerly")
     vae_decode_checkpointing: bool = Field(
         False, description="gradient-checkpoint the VAE decoder (saves the decode-backward peak)")
+
+    def key_dump(self) -> dict:
+        """The section as it enters the stage key: the process layout and the performance switches
+        (same function, tested equal to the plain path) are not part of the result.
+
+        Micro-batch k of a step is the same prompts and the same random draws whichever process
+        runs it (trainer.py seeds by the micro-batch's slot in the global batch), so 2 processes x 1
+        micro-batch train exactly like 1 process x 2. The key holds the micro-batches per step
+        (``gradient_accumulation_steps`` x ``num_processes``) and the launch fields at their
+        defaults; a run may then resume its checkpoints with another process count.
+        """
+        out = self.model_dump(mode="json")
+        out["gradient_accumulation_steps"] = self.gradient_accumulation_steps * self.num_processes
+        for name in LAUNCH_FIELDS + PERF_FIELDS:
+            out[name] = type(self).model_fields[name].default
+        return out
 
     @model_validator(mode="after")
     def _check_steps(self) -> "TrainConfig":

@@ -29,6 +29,9 @@ class LatentDiscriminator(nn.Module):
         self.head = nn.Linear(channels, 1).to(device=null_embeds.device, dtype=torch.float32)
         self.register_buffer("null_embeds", null_embeds.to(self.weight_dtype), persistent=False)
         self.timestep = int(timestep)
+        # a device tensor: a Python int makes diffusers copy it to the device (a sync) on every call
+        self.register_buffer("timestep_tensor", torch.tensor(self.timestep, device=null_embeds.device),
+                             persistent=False)
 
     @classmethod
     def load(cls, name: str, *, timestep: int, lora_rank: int, target_modules: list[str],
@@ -54,7 +57,7 @@ class LatentDiscriminator(nn.Module):
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         batch = latents.shape[0]
         cond = self.null_embeds.expand(batch, *self.null_embeds.shape[1:])
-        out = self.unet(latents.to(self.weight_dtype), self.timestep, encoder_hidden_states=cond,
+        out = self.unet(latents.to(self.weight_dtype), self.timestep_tensor, encoder_hidden_states=cond,
                         return_dict=False)[0]
         return self.head(out.float().permute(0, 2, 3, 1))
 

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from .errors import InputError, IntegrityError
 from .prompts import read_prompts
+from .shards import check_fail_hook, part_summary, shards_to_do
 
 log = logging.getLogger("comat.gan_gt")
 
@@ -165,23 +166,26 @@ def run(ctx) -> dict:
     if not prompts:
         raise InputError("the prompts stage holds no prompts; gan_gt has nothing to generate")
     shards = [prompts[i : i + gcfg.shard_size] for i in range(0, len(prompts), gcfg.shard_size)]
-    pending = [n for n in range(len(shards)) if not ctx.writer.shard_done(shard_name(n))]
+    names = [shard_name(n) for n in range(len(shards))]
+    pending = shards_to_do(ctx, names)
     reused = len(shards) - len(pending)
     device = resolve_device(ctx.cfg)
     speed = _Throughput()
     pipe = None
     bar = tqdm(total=len(prompts), initial=len(prompts) - sum(len(shards[n]) for n in pending), unit="img",
                desc="gan_gt", dynamic_ncols=True)
-    fail_at = ctx.hooks.get("fail_at_shard")  # tests: raise before generating this shard
     try:
         for n in pending:
-            if fail_at is not None and n == int(fail_at):
-                raise RuntimeError(f"test hook: fail_at_shard={n}")
+            check_fail_hook(ctx, n)
             if pipe is None:
                 pipe = load_base_pipeline(ctx, device)
             _generate_shard(ctx, pipe, n, shards[n], speed, bar)
     finally:
         bar.close()
+    if ctx.shard_part is not None:  # a fan-out part: the preview and the manifest come with the last call
+        del pipe
+        free_memory()
+        return part_summary(ctx, names, len(pending)) | {"images_generated": speed.images}
     vae = pipe.vae if pipe is not None else None
     del pipe  # keep only the VAE, for the preview
     first = _first_latents(ctx, shards, gcfg.preview_images)

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import ComatConfig
-from .errors import ComatError, StorageError
+from .errors import ComatError, ConfigError, StorageError
+from .shards import ShardPart
 from .storage import ArtifactStore, StageReader, StageWriter, stage_key
 
 log = logging.getLogger("comat")
@@ -42,6 +43,7 @@ class Stage:
     models: tuple[str, ...] = ()  # fields of cfg.models that change this stage's output
     runtime: tuple[str, ...] = ()  # fields of cfg.runtime that change this stage's output
     gpu: bool = False
+    sharded: bool = False  # commits shards and accepts a ShardPart (fan-out over workers, comat_core/shards.py)
 
     def run_fn(self) -> Callable[["StageContext"], dict]:
         module, fn = self.runner.split(":")
@@ -53,18 +55,18 @@ STAGES: dict[str, Stage] = {
     for s in [
         Stage("prompts", (), "1", "comat_core.prompts:run", models=("family", "pretrained")),
         Stage("sdxl_prefinetune", ("prompts",), "1", "comat_core.prefinetune:run",
-              models=("family", "pretrained", "vae"), runtime=("mixed_precision", "seed"), gpu=True),
+              models=("family", "pretrained", "vae"), runtime=("mixed_precision", "seed"), gpu=True, sharded=True),
         Stage("gan_gt", ("prompts", "sdxl_prefinetune"), "1", "comat_core.gan_gt:run",
-              models=("family", "pretrained", "vae"), runtime=("mixed_precision",), gpu=True),
+              models=("family", "pretrained", "vae"), runtime=("mixed_precision",), gpu=True, sharded=True),
         Stage("masks", ("prompts", "gan_gt"), "1", "comat_core.masks.stage:run",
               models=("family", "pretrained", "vae", "grounding_dino", "sam", "sam_checkpoint", "sam_model_type"),
-              runtime=("mixed_precision",), gpu=True),
+              runtime=("mixed_precision",), gpu=True, sharded=True),
         Stage("train", ("prompts", "gan_gt", "masks", "sdxl_prefinetune"), "1", "comat_core.train_stage:run",
               models=("family", "pretrained", "vae", "captioner", "discriminator"),
               runtime=("mixed_precision", "seed"), gpu=True),
         Stage("evaluate", ("train", "sdxl_prefinetune"), "1", "comat_core.evaluate.stage:run",
               models=("family", "pretrained", "vae", "vqa", "clip", "grounding_dino", "captioner"),
-              runtime=("mixed_precision",), gpu=True),
+              runtime=("mixed_precision",), gpu=True, sharded=True),
     ]
 }
 
@@ -89,7 +91,9 @@ def stage_config(cfg: ComatConfig, stage: str) -> dict:
     from .models.loader import model_fingerprint
 
     spec = STAGES[stage]
-    section = getattr(cfg, stage).model_dump(mode="json")
+    section = getattr(cfg, stage)
+    # a section may leave out what does not change its output (train: how processes are laid out)
+    section = section.key_dump() if hasattr(section, "key_dump") else section.model_dump(mode="json")
     models = {name: _fingerprint(name, getattr(cfg.models, name), model_fingerprint) for name in spec.models}
     runtime = {name: getattr(cfg.runtime, name) for name in spec.runtime}
     out = {"section": section, "models": models, "runtime": runtime}
@@ -126,6 +130,7 @@ class StageResult:
     url: str
     cached: bool
     manifest: dict
+    partial: bool = False  # a fan-out part: its shards are in storage, the stage is not committed
 
 
 @dataclass
@@ -140,6 +145,7 @@ class StageContext:
     inputs: dict[str, StageReader]
     progress: ProgressFn = _no_progress
     hooks: dict[str, Any] = field(default_factory=dict)  # test hooks, e.g. {"fail_at_shard": 2}
+    shard_part: ShardPart | None = None  # compute only this part of the shards and skip the rest (fan-out)
     workdir: Path | None = None  # local scratch, removed after the stage
 
     @property
@@ -172,9 +178,20 @@ def compute_key(cfg: ComatConfig, store: ArtifactStore, stage: str) -> str:
 
 
 def run_stage(cfg: ComatConfig, store: ArtifactStore, stage: str, *, force: bool = False,
-              progress: ProgressFn | None = None, hooks: dict | None = None) -> StageResult:
-    """Run one stage unless its output is already complete. ``force`` wipes and recomputes it."""
+              progress: ProgressFn | None = None, hooks: dict | None = None,
+              shard_part: ShardPart | None = None) -> StageResult:
+    """Run one stage unless its output is already complete. ``force`` wipes and recomputes it.
+
+    ``shard_part`` (sharded stages, fan-out): compute only that part's shards and return a
+    ``partial`` result without committing the manifest; a later call without it commits.
+    """
     spec = STAGES[name_or(stage)]
+    if shard_part is not None:
+        if not spec.sharded:
+            raise ConfigError(f"stage {stage} is not sharded; run it without a shard part")
+        if force:
+            raise ConfigError(f"{stage}: force with a shard part would delete the other parts' shards; "
+                              "force the whole stage once, before the fan-out")
     key = compute_key(cfg, store, stage)
     if force:
         store.remove_tree(store.path(stage, key))
@@ -184,7 +201,7 @@ def run_stage(cfg: ComatConfig, store: ArtifactStore, stage: str, *, force: bool
         return StageResult(stage, key, store.stage_url(stage, key), True, manifest)
     inputs = {n: store.reader(n, compute_key(cfg, store, n)) for n in stage_inputs(cfg, stage)}
     writer = store.writer(stage, key)
-    ctx = StageContext(cfg, store, stage, key, writer, inputs, progress or _no_progress, hooks or {})
+    ctx = StageContext(cfg, store, stage, key, writer, inputs, progress or _no_progress, hooks or {}, shard_part)
     log.info("%s: computing %s", stage, writer.url)
     t0 = time.time()
     try:
@@ -193,6 +210,9 @@ def run_stage(cfg: ComatConfig, store: ArtifactStore, stage: str, *, force: bool
         if ctx.workdir is not None:
             shutil.rmtree(ctx.workdir, ignore_errors=True)
     summary.setdefault("seconds", round(time.time() - t0, 3))
+    if shard_part is not None:
+        log.info("%s: part %s done in %s (stage not committed)", stage, shard_part, writer.url)
+        return StageResult(stage, key, writer.url, False, {"summary": summary}, partial=True)
     manifest = writer.commit(
         config=stage_config(cfg, stage),
         inputs={n: {"key": r.key, "url": r.url} for n, r in inputs.items()},

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from .errors import ConfigError, InputError
 from .evaluate.generate import draw, free_memory, load_generator, resolve_device, weight_dtype
 from .prompts import read_prompts
+from .shards import check_fail_hook, part_summary, shards_to_do
 
 log = logging.getLogger("comat.prefinetune")
 
@@ -63,6 +64,8 @@ def run(ctx) -> dict:
     shards = [(f"images-{k // pf.shard_size:05d}", items[k : k + pf.shard_size])
               for k in range(0, len(items), pf.shard_size)]
     generated = generate_shards(ctx, shards, device)
+    if ctx.shard_part is not None:  # a fan-out part: the fine-tune and the manifest come with the last call
+        return part_summary(ctx, [name for name, _ in shards], generated)
     losses = finetune(ctx, items, device)
     return {"images": len(items), "shards": len(shards), "shards_generated": generated, "steps": len(losses),
             "first_loss": losses[0], "final_loss": losses[-1], "mean_loss": float(np.mean(losses))}
@@ -78,17 +81,17 @@ def prompt_seed(seed: int, prompt_id: str) -> int:
 
 
 def generate_shards(ctx, shards: list[tuple[str, list[dict]]], device) -> int:
-    """Draw every shard that is not done; ``hooks["fail_at_shard"] = k`` raises before shard k (tests)."""
+    """Draw every shard that is not done (of ``ctx.shard_part`` only, when set); returns how many.
+
+    ``hooks["fail_at_shard"] = k`` raises before shard k (tests)."""
     pf = ctx.cfg.sdxl_prefinetune
-    fail_at = ctx.hooks.get("fail_at_shard")
-    pending = [(k, name, items) for k, (name, items) in enumerate(shards) if not ctx.writer.shard_done(name)]
+    pending = [(k, *shards[k]) for k in shards_to_do(ctx, [name for name, _ in shards])]
     log.info("sdxl_prefinetune: %d of %d image shards to generate", len(pending), len(shards))
     if not pending:
         return 0
     pipe = load_generator(ctx.cfg, device)
     for k, name, items in pending:
-        if fail_at is not None and k == int(fail_at):
-            raise RuntimeError(f"fail_at_shard hook: stopping before shard {k} ({name})")
+        check_fail_hook(ctx, k, name)
         for i in range(0, len(items), pf.generation_batch_size):
             batch = items[i : i + pf.generation_batch_size]
             images = draw(pipe, [it["text"] for it in batch], [it["seed"] for it in batch],

@@ -27,6 +27,17 @@ K steps carry gradients:
   continues from there. The replacement cuts the graph, so gradient steps before ``m`` carry no
   gradient for mixed samples (they are skipped for them); when every sample is mixed, steps before
   ``m`` are not computed at all.
+
+No host synchronisation inside the T-step loop (issue 8: the reference step is host-bound, and
+every blocking copy or ``.item()`` makes the host wait for the GPU queue to drain): every random
+choice of a step (start index, attention steps, Mixed Latent samples and index) is drawn once, on
+the host, from the CPU generator in :meth:`DifferentiableSampler.plan`; the update coefficients
+are Python floats; timesteps reach the UNet as cached device tensors (``Backbone.timestep``);
+Mixed Latent noising uses the same float coefficients as ``DDPMScheduler.add_noise`` (which moves
+its ``alphas_cumprod`` to the device on every call) and picks rows without building a device mask.
+Under ``torch.no_grad`` the UNet call goes to ``Backbone.nograd_unet`` when the trainer set one
+(LoRA merged and/or compiled, ``comat_core.nograd``); so attention can only be captured at
+gradient steps, which :meth:`DifferentiableSampler.sample` checks.
 """
 
 from __future__ import annotations
@@ -112,6 +123,11 @@ class DdpmSchedule:
         if c["std"] > 0 and noise is not None:
             prev = prev + c["std"] * noise
         return prev
+
+    def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+        """``DDPMScheduler.add_noise(clean, noise, timesteps[i])`` with the stored float coefficients."""
+        c = self._coefficients[i]
+        return c["sqrt_a"] * clean + c["sqrt_b"] * noise
 
     def needs_noise(self, i: int) -> bool:
         return self._coefficients[i]["std"] > 0
@@ -256,6 +272,8 @@ class DifferentiableSampler:
         first_grad = plan.first_grad_index if plan.grad_indices else len(schedule)
         if plan.mix_index is not None and gt_latents is None:
             raise ValueError("a Mixed Latent plan needs gt_latents")
+        if attention is not None and not set(plan.attention_indices) <= grad_set:
+            raise ValueError(f"attention steps {plan.attention_indices} must be gradient steps {plan.grad_indices}")
         begin = plan.mix_index if plan.mix_index is not None and all(plan.mixed) else 0
         maps: list[dict[str, torch.Tensor]] = []
         for i in range(begin, len(schedule)):
@@ -288,11 +306,13 @@ class DifferentiableSampler:
         return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
 
     def _mix(self, latents, gt_latents, mixed, i, noise_generator) -> torch.Tensor:
-        """Mixed Latent: mixed samples restart from their ground-truth latent noised to ``timesteps[i]``."""
+        """Mixed Latent: mixed samples restart from their ground-truth latent noised to ``timesteps[i]``.
+
+        ``sqrt(abar_t) * z_gt + sqrt(1 - abar_t) * eps``, as ``DDPMScheduler.add_noise``.
+        """
         device = latents.device
-        gt = gt_latents.to(device=device, dtype=latents.dtype)
+        gt = gt_latents.to(device=device, dtype=latents.dtype, non_blocking=True)
         noise = torch.randn(gt.shape, generator=noise_generator, device=device)
-        t = torch.full((gt.shape[0],), self.schedule.timesteps[i], dtype=torch.long, device=device)
-        noised = self.backbone.scheduler.add_noise(gt, noise, t)
-        mask = torch.tensor(mixed, dtype=torch.bool, device=device).view(-1, 1, 1, 1)
-        return torch.where(mask, noised, latents)
+        noised = self.schedule.add_noise(gt, noise, i)
+        rows = [noised[b: b + 1] if m else latents[b: b + 1] for b, m in enumerate(mixed)]
+        return torch.cat(rows)

@@ -21,9 +21,17 @@ supports it, fp16 otherwise, fp32 on CPU), the trackers and the collectives. fp1
 ``GradScaler`` per optimiser.
 
 Randomness: every draw of a step (initial noise, gradient/attention steps, variance noise, Mixed
-Latent, crop offsets) comes from generators seeded by ``(train.seed, step, process, micro-batch)``,
-and the data order is a pure function of the position in a seeded, epoch-wise permutation, so a
-resumed run repeats the uninterrupted one exactly. The global RNG states are saved as well.
+Latent, crop offsets) comes from generators seeded by ``(train.seed, step, slot)``, where the slot
+``micro-batch x processes + process`` is the micro-batch's place in the global batch, and the data
+order is a pure function of the position in a seeded, epoch-wise permutation, so a resumed run
+repeats the uninterrupted one exactly, and P processes x A micro-batches train like 1 x (P x A),
+which is what lets a run resume with another process count. The global RNG states are saved as well.
+
+Performance (issue 8; ``benchmarks/RESULTS.md``): the switches ``train.merge_lora_for_nograd``,
+``train.compile_nograd_unet`` (``comat_core.nograd``) and ``train.vae_decode_checkpointing``
+(``Backbone.enable_decode_checkpointing``) are off by default and compute the same step. The step's
+logged values stay on the device until one read at its end (``_host_values``), so the host never
+waits for the GPU inside a step.
 
 Artifacts (through the stage writer): ``checkpoints/step-NNNNNN/`` (full state, see
 ``checkpoint.py``), ``samples/step-NNNNNN.png`` (validation grids, each committed as its own shard),
@@ -291,6 +299,7 @@ def build_training(cfg: ComatConfig, accelerator=None, unet_override: str | None
     attention = None
     if (lc.token_weight > 0 or lc.pixel_weight > 0) and lc.attribute_steps > 0:
         attention = AttentionCapture(backbone.unet, lc.attention_blocks)
+    _apply_performance_switches(tc, backbone)
     discriminator, d_params, opt_d, sched_d = None, [], None, None
     if lc.gan_weight > 0:
         dc = tc.discriminator
@@ -308,6 +317,18 @@ def build_training(cfg: ComatConfig, accelerator=None, unet_override: str | None
     scaler_d = torch.amp.GradScaler(scaler_device, enabled=mode == "fp16")
     return Training(cfg, accelerator, backbone, sampler, concept, attention, discriminator, g_params, d_params,
                     opt_g, opt_d, sched_g, sched_d, scaler_g, scaler_d)
+
+
+def _apply_performance_switches(tc, backbone: Backbone) -> None:
+    """Issue-8 switches (all off by default): the no-grad UNet and VAE decode checkpointing."""
+    if tc.vae_decode_checkpointing:
+        backbone.enable_decode_checkpointing()
+    if tc.merge_lora_for_nograd or tc.compile_nograd_unet:
+        from .nograd import NoGradUNet
+
+        backbone.nograd_unet = NoGradUNet(backbone.unet, merge_lora=tc.merge_lora_for_nograd,
+                                          compile=tc.compile_nograd_unet, compile_mode=tc.nograd_compile_mode,
+                                          max_shapes=tc.nograd_compile_max_shapes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,7 +353,7 @@ def generator_losses(tr: Training, inputs: StepInputs, cpu_gen: torch.Generator,
     """Sample with gradients and compute the unweighted loss terms whose weight is not 0."""
     lc = tr.cfg.train.losses
     cond = tr.backbone.encode_prompts(inputs.texts)
-    gt = inputs.gt_latents.to(tr.device, torch.float32)
+    gt = inputs.gt_latents.to(tr.device, torch.float32, non_blocking=True)
     plan = tr.sampler.plan(len(inputs.texts), cpu_gen, with_ground_truth=True)
     has_targets = inputs.targets is not None and any(inputs.targets)
     attention = tr.attention if has_targets else None
@@ -379,8 +400,9 @@ def _average_gradients(accelerator, params: list[torch.nn.Parameter], bucket_ele
             g.copy_(part.view_as(g))
 
 
-def _optimizer_step(tr: Training, params, optimizer, scaler, clip: float) -> float:
-    """Average over processes, unscale (fp16), clip, step; returns the gradient norm before clipping."""
+def _optimizer_step(tr: Training, params, optimizer, scaler, clip: float) -> torch.Tensor | float:
+    """Average over processes, unscale (fp16), clip, step; returns the gradient norm before clipping
+    (a device tensor: read it with the step's other logs, see ``_host_values``)."""
     _average_gradients(tr.accelerator, params)
     if all(p.grad is None for p in params):  # nothing was learned from this step
         return 0.0
@@ -389,7 +411,21 @@ def _optimizer_step(tr: Training, params, optimizer, scaler, clip: float) -> flo
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm.detach()
+
+
+def _host_values(logs: dict[str, Any]) -> dict[str, float]:
+    """The step's logs as floats, with one device-to-host copy for all tensor values.
+
+    Reading each loss with ``float()`` as it is produced would make the host wait for the GPU queue
+    to drain several times per step; one read at the end keeps the host ahead of the GPU.
+    """
+    keys = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in logs.items() if k not in keys}
+    if keys:
+        values = torch.stack([logs[k].detach().float().reshape(()) for k in keys]).cpu().tolist()
+        out.update(zip(keys, values))
+    return out
 
 
 def train_step(tr: Training, micro_batches: list[StepInputs], seed: int) -> dict[str, float]:
@@ -401,21 +437,22 @@ def train_step(tr: Training, micro_batches: list[StepInputs], seed: int) -> dict
     fakes = []
     tr.unet.train()
     for m, inputs in enumerate(micro_batches):
-        cpu_gen, noise_gen = step_generators(seed, tr.accelerator.process_index, m, tr.device)
+        slot = m * tr.accelerator.num_processes + tr.accelerator.process_index  # place in the global batch
+        cpu_gen, noise_gen = step_generators(seed, 0, slot, tr.device)  # draws independent of the process layout
         terms, latents = generator_losses(tr, inputs, cpu_gen, noise_gen)
         loss = sum(weights[k] * v for k, v in terms.items())
         if loss.requires_grad:  # False only when the batch has nothing to learn from (e.g. attribute-only, no entity)
             tr.scaler_g.scale(loss / n).backward()
         for k, v in [*terms.items(), ("total", loss)]:
-            sums[k] = sums.get(k, 0.0) + float(v.detach()) / n
+            sums[k] = sums.get(k, 0.0) + v.detach().float() / n
         fakes.append(latents.detach())
-    logs = {f"{k}_loss": sums.get(k, math.nan) for k in LOSS_TERMS}  # NaN: a term with weight 0, not computed
+    logs: dict[str, Any] = {f"{k}_loss": sums.get(k, math.nan) for k in LOSS_TERMS}  # NaN: weight 0, not computed
     logs["loss"] = sums["total"]
     logs["lr"] = tr.opt_g.param_groups[0]["lr"]  # the rate this step uses
     logs["grad_norm_g"] = _optimizer_step(tr, tr.g_params, tr.opt_g, tr.scaler_g, tc.grad_clip)
     tr.sched_g.step()
     logs.update(discriminator_step(tr, micro_batches, fakes))
-    return _mean_over_processes(tr.accelerator, logs)
+    return _mean_over_processes(tr.accelerator, _host_values(logs))
 
 
 def _mean_over_processes(accelerator, logs: dict[str, float]) -> dict[str, float]:
@@ -428,25 +465,27 @@ def _mean_over_processes(accelerator, logs: dict[str, float]) -> dict[str, float
     return dict(zip(keys, values.tolist()))
 
 
-def discriminator_step(tr: Training, micro_batches: list[StepInputs], fakes: list[torch.Tensor]) -> dict[str, float]:
-    """BCE on ``[D(z_online) -> 0, D(z_gt) -> 1]`` (one D call on both), own AdamW and clip."""
+def discriminator_step(tr: Training, micro_batches: list[StepInputs], fakes: list[torch.Tensor]) -> dict[str, Any]:
+    """BCE on ``[D(z_online) -> 0, D(z_gt) -> 1]`` (one D call on both), own AdamW and clip.
+
+    The logged values are device tensors (``train_step`` reads them all at once)."""
     if tr.discriminator is None:
         return {"d_loss": math.nan, "d_real_logit": math.nan, "d_fake_logit": math.nan, "grad_norm_d": math.nan,
                 "lr_d": math.nan}
     n = len(micro_batches)
-    out = {"d_loss": 0.0, "d_real_logit": 0.0, "d_fake_logit": 0.0}
+    out: dict[str, Any] = {"d_loss": 0.0, "d_real_logit": 0.0, "d_fake_logit": 0.0}  # device tensors after the loop
     tr.discriminator.set_trainable(True)
     try:
         for inputs, fake in zip(micro_batches, fakes):
-            real = inputs.gt_latents.to(tr.device, torch.float32)
+            real = inputs.gt_latents.to(tr.device, torch.float32, non_blocking=True)
             with tr.accelerator.autocast():
                 logits = tr.discriminator(torch.cat([fake, real]))
                 fake_logits, real_logits = logits[: len(fake)], logits[len(fake):]
                 d_loss = discriminator_gan_loss(fake_logits, real_logits)
             tr.scaler_d.scale(d_loss / n).backward()
-            out["d_loss"] += float(d_loss.detach()) / n
-            out["d_real_logit"] += float(real_logits.detach().float().mean()) / n
-            out["d_fake_logit"] += float(fake_logits.detach().float().mean()) / n
+            out["d_loss"] = out["d_loss"] + d_loss.detach().float() / n
+            out["d_real_logit"] = out["d_real_logit"] + real_logits.detach().float().mean() / n
+            out["d_fake_logit"] = out["d_fake_logit"] + fake_logits.detach().float().mean() / n
         out["lr_d"] = tr.opt_d.param_groups[0]["lr"]
         out["grad_norm_d"] = _optimizer_step(tr, tr.d_params, tr.opt_d, tr.scaler_d, tr.cfg.train.discriminator.grad_clip)
         tr.sched_d.step()

@@ -28,4 +28,6 @@ def stage_run_name() -> str:
 
     p = flow_run.parameters
     stage = flow_run.flow_name.removeprefix("comat-").replace("-", "_")
-    return describe(p.get("config"), [stage], [stage] if p.get("force") else None)
+    name = describe(p.get("config"), [stage], [stage] if p.get("force") else None)
+    part = p.get("part")
+    return f"{name} [part {part[0] + 1}/{part[1]}]" if part and len(part) == 2 else name

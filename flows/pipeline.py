@@ -1,6 +1,7 @@
 """The parent flow ``comat``: every stage of the config, in pipeline order, each through its task.
 
-    comat(config={"preset": "tiny"}, stages=None, force=None, dispatch="inline") -> {stage: artifact URL}
+    comat(config={"preset": "tiny"}, stages=None, force=None, dispatch="inline", parallelism=1)
+        -> {stage: artifact URL}
 
 ``config`` is a config request (``preset``, ``config_file``, ``overrides``, ``storage``, ``prompts``,
 ``values``; see ``comat_core.preflight.build_config``). It is resolved and checked once, here, and
@@ -19,23 +20,40 @@ and credentials from the standard AWS variables, ``AWS_ENDPOINT_URL``, or ``stor
   other, so GPU requests sit with the stages that need them while this parent waits on a CPU
   worker. Each child resolves its inputs from storage; the parent reads the stage URL back from the
   store (the manifest must be there).
+
+``parallelism`` (``dispatch="deployments"`` only): the sharded stages (``sdxl_prefinetune`` and
+``evaluate`` generation, ``gan_gt``, ``masks``) fan out. The parent submits ``parallelism`` flow runs
+of the stage's deployment with ``part=[k, parallelism]``, each computing one contiguous slice of the
+stage's shards without committing the stage (``comat_core/shards.py``), so every free worker of the
+GPU pool takes one. It waits for all of them, puts a failed or crashed part back in the queue (the
+same flow run, up to ``SHARD_RUN_RETRIES`` times; its completed shards are not redone), and then
+runs the stage's deployment once more without ``part``: that run verifies every shard (sha256),
+computes any still missing, does the stage's non-sharded rest (``gan_gt`` preview, the SDXL
+fine-tune, ``evaluate`` scoring and report) and commits the manifest. ``force`` deletes the stage's
+folder once, before the fan-out. ``parallelism`` is a flow parameter and not a config field because
+it says where work runs, not what it computes: it never enters a stage key, and ``comat run``
+(in-process) has no workers to spread over.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Literal
 
 from prefect import flow
 
 from comat_core.config import ComatConfig
-from comat_core.errors import StorageError
+from comat_core.errors import ConfigError, StorageError
 from comat_core.pipeline import STAGES, compute_key
 from comat_core.preflight import build_config, preflight
 from flows._naming import parent_run_name
 from tasks.stage import config_payload, open_store, run_stage_task
 
 log = logging.getLogger("comat.flows")
+
+SHARD_RUN_RETRIES = 2  # a failed or crashed part is queued again at most this many times
+POLL_SECONDS = 2.0
 
 
 def stage_deployment(stage: str) -> str:
@@ -60,18 +78,76 @@ def run_stage_deployment(stage: str, cfg: ComatConfig, force: bool) -> str:
     return store.stage_url(stage, key)
 
 
+def run_stage_fanout(stage: str, cfg: ComatConfig, force: bool, parts: int) -> str:
+    """Fan a sharded stage out to ``parts`` flow runs of its deployment, then commit it with one more run."""
+    from prefect.deployments import run_deployment
+
+    store = open_store(cfg)
+    key = compute_key(cfg, store, stage)
+    if force:
+        store.remove_tree(store.path(stage, key))  # here, once: a part must never delete another's shards
+    elif store.read_manifest(stage, key) is not None:
+        log.info("%s: complete at %s, nothing to fan out", stage, store.stage_url(stage, key))
+        return store.stage_url(stage, key)
+    runs = {k: run_deployment(stage_deployment(stage), timeout=0, parameters={
+        "config": config_payload(cfg), "force": False, "part": [k, parts]}) for k in range(parts)}
+    log.info("%s: %d parts submitted to %s: %s", stage, parts, stage_deployment(stage),
+             ", ".join(r.name for r in runs.values()))
+    wait_for_parts(stage, runs)
+    return run_stage_deployment(stage, cfg, force=False)
+
+
+def wait_for_parts(stage: str, runs: dict, retries: int = SHARD_RUN_RETRIES, poll: float = POLL_SECONDS) -> None:
+    """Wait until every part's flow run completed; queue a failed or crashed one again (same flow run)."""
+    from prefect import get_client
+    from prefect.states import AwaitingRetry
+
+    attempts = {k: 1 for k in runs}
+    pending = {k: r.id for k, r in runs.items()}
+    with get_client(sync_client=True) as client:
+        while pending:
+            time.sleep(poll)
+            for k, run_id in list(pending.items()):
+                run = client.read_flow_run(run_id)
+                if run.state is None or not run.state.is_final():
+                    continue
+                if run.state.is_completed():
+                    del pending[k]
+                    continue
+                if run.state.is_cancelled() or attempts[k] > retries:
+                    raise RuntimeError(f"{stage}: part {k + 1}/{len(runs)} ({run.name!r}) ended {run.state.name} "
+                                       f"after {attempts[k]} attempt(s); its completed shards are kept, rerun the "
+                                       "pipeline to finish the stage")
+                log.warning("%s: part %d/%d (%r) ended %s; queued again (attempt %d of %d)", stage, k + 1, len(runs),
+                            run.name, run.state.name, attempts[k] + 1, retries + 1)
+                client.set_flow_run_state(run_id, AwaitingRetry(), force=True)
+                attempts[k] += 1
+
+
 @flow(name="comat", flow_run_name=parent_run_name, validate_parameters=True)
 def comat(config: dict | None = None, stages: list[str] | None = None, force: list[str] | None = None,
-          dispatch: Literal["inline", "deployments"] = "inline") -> dict[str, str]:
+          dispatch: Literal["inline", "deployments"] = "inline", parallelism: int = 1) -> dict[str, str]:
     """Run the CoMat pipeline (prompts > [sdxl_prefinetune] > gan_gt > masks > train > evaluate)."""
+    if parallelism < 1:
+        raise ConfigError(f"parallelism must be at least 1, not {parallelism}")
+    if parallelism > 1 and dispatch != "deployments":
+        raise ConfigError("parallelism > 1 spreads shards over the workers of the GPU pool: use "
+                          "dispatch=deployments (the comat/full-pipeline-fanout deployment)")
     cfg = build_config(config)
     preflight(cfg, stages=stages, force=force)
     order = [s for s in cfg.stage_order() if not stages or s in stages]
     skipped = sorted(set(force or []) - set(order))
     if skipped:
         log.warning("force %s ignored: not among the stages run (%s)", ", ".join(skipped), ", ".join(order))
-    run = run_stage_deployment if dispatch == "deployments" else run_stage_task
-    return {stage: run(stage, cfg, stage in (force or [])) for stage in order}
+
+    def run(stage: str, forced: bool) -> str:
+        if dispatch == "inline":
+            return run_stage_task(stage, cfg, forced)
+        if parallelism > 1 and STAGES[stage].sharded:
+            return run_stage_fanout(stage, cfg, forced, parallelism)
+        return run_stage_deployment(stage, cfg, forced)
+
+    return {stage: run(stage, stage in (force or [])) for stage in order}
 
 
 if __name__ == "__main__":

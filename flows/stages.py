@@ -4,6 +4,11 @@ Each flow builds the config, resolves its inputs from storage (the manifests of 
 at the keys the config gives them; a missing one is an ``InputError`` naming the stage to run first)
 and runs the stage's task. ``force=True`` recomputes the stage even when its manifest exists. The
 flow returns the stage's artifact URL.
+
+The sharded stages (``sdxl_prefinetune``, ``gan_gt``, ``masks``, ``evaluate``) also take
+``part=[k, n]``: compute only the k-th of n contiguous slices of the stage's shards and return
+without committing the stage. The parent flow's fan-out (``comat(..., parallelism=n)``) runs n such
+parts of a stage's deployment side by side, then the stage once more without ``part`` to commit it.
 """
 
 from __future__ import annotations
@@ -16,14 +21,14 @@ from flows._naming import stage_run_name
 from tasks.stage import open_store, run_stage_task
 
 
-def run_one(stage: str, config: dict | None, force: bool) -> str:
+def run_one(stage: str, config: dict | None, force: bool, part: list[int] | None = None) -> str:
     cfg = build_config(config)
     if stage not in cfg.stage_order():
         raise ConfigError(f"stage {stage} is not part of preset {cfg.preset}'s pipeline "
                           f"({', '.join(cfg.stage_order())}); check sdxl_prefinetune.enabled / models.family")
     open_store(cfg).check_reachable()
     check_models(cfg)
-    return run_stage_task(stage, cfg, force=force)
+    return run_stage_task(stage, cfg, force=force, part=part)
 
 
 @flow(name="comat-prompts", flow_run_name=stage_run_name)
@@ -33,21 +38,21 @@ def prompts(config: dict | None = None, force: bool = False) -> str:
 
 
 @flow(name="comat-sdxl-prefinetune", flow_run_name=stage_run_name)
-def sdxl_prefinetune(config: dict | None = None, force: bool = False) -> str:
+def sdxl_prefinetune(config: dict | None = None, force: bool = False, part: list[int] | None = None) -> str:
     """SDXL only: generate 1024-px images, resize to 512 and fine-tune the UNet on them."""
-    return run_one("sdxl_prefinetune", config, force)
+    return run_one("sdxl_prefinetune", config, force, part)
 
 
 @flow(name="comat-gan-gt", flow_run_name=stage_run_name)
-def gan_gt(config: dict | None = None, force: bool = False) -> str:
+def gan_gt(config: dict | None = None, force: bool = False, part: list[int] | None = None) -> str:
     """Generate the GAN ground-truth latents from the training prompts (sharded)."""
-    return run_one("gan_gt", config, force)
+    return run_one("gan_gt", config, force, part)
 
 
 @flow(name="comat-masks", flow_run_name=stage_run_name)
-def masks(config: dict | None = None, force: bool = False) -> str:
+def masks(config: dict | None = None, force: bool = False, part: list[int] | None = None) -> str:
     """Detect and segment each prompt's nouns in the gan_gt images (sharded)."""
-    return run_one("masks", config, force)
+    return run_one("masks", config, force, part)
 
 
 @flow(name="comat-train", flow_run_name=stage_run_name)
@@ -57,9 +62,9 @@ def train(config: dict | None = None, force: bool = False) -> str:
 
 
 @flow(name="comat-evaluate", flow_run_name=stage_run_name)
-def evaluate(config: dict | None = None, force: bool = False) -> str:
+def evaluate(config: dict | None = None, force: bool = False, part: list[int] | None = None) -> str:
     """T2I-CompBench-style evaluation of the base and the fine-tuned model."""
-    return run_one("evaluate", config, force)
+    return run_one("evaluate", config, force, part)
 
 
 STAGE_FLOWS = {"prompts": prompts, "sdxl_prefinetune": sdxl_prefinetune, "gan_gt": gan_gt,

@@ -3,17 +3,22 @@
 Caching
 -------
 The artifact store's manifest *is* the cache, and Prefect's own result cache is off
-(``cache_policy=NO_CACHE``, ``persist_result=False``). Reasons:
+(``cache_policy=NO_CACHE``). Reasons:
 
 * ``comat_core.pipeline.run_stage`` already returns the existing output when the stage's
   ``_manifest.json`` exists under its stage key, and the stage key hashes the stage's config
   section, its models, its code version and the digests of its inputs' manifests. That is exactly
   "cache keyed on the stage key, honoured only when the manifest exists": a wiped bucket or a deleted
   stage folder has no manifest, so the stage recomputes instead of failing on a stale Prefect record.
-* A second cache (Prefect result records) could disagree with storage, and persisting results to S3
-  would need a saved storage block holding credentials in the Prefect database. The task's result
-  is only the stage URL, which is recomputed from the key in milliseconds.
+* A second cache (Prefect result records) could disagree with storage. The task's result is only
+  the stage URL, which is recomputed from the key in milliseconds.
 * ``comat run`` (in-process) and deployments on remote workers then mean the same thing by "cached".
+
+Results are still *persisted* when the store is local or S3: ``run_stage_task`` writes them as
+JSON to ``<storage root>/_prefect-results/`` through a block without credentials (``tasks/results.py``).
+
+Fan-out parts: ``part=[k, n]`` computes only the k-th of n slices of a sharded stage's shards and
+does not commit the stage (see ``comat_core/shards.py``); its run is named ``<stage>-<key> part k+1/n``.
 
 A hit still shows in the UI: the task returns a ``Completed`` state named ``Cached``, and its run
 is named ``<stage>-<key>``. ``force`` wipes the stage's folder first (``run_stage(force=True)``);
@@ -48,7 +53,9 @@ from comat_core.config import ComatConfig
 from comat_core.errors import InputError, IntegrityError, StorageError
 from comat_core.pipeline import STAGES, compute_key, run_stage, stage_inputs
 from comat_core.preflight import build_config
+from comat_core.shards import ShardPart
 from comat_core.storage import ArtifactStore
+from tasks.results import persisting
 
 
 RETRIES = 3
@@ -112,13 +119,18 @@ def check_inputs(cfg: ComatConfig, store: ArtifactStore, stage: str) -> None:
 
 
 def task_run_name(parameters: dict) -> str:
-    """``<stage>-<stage key>`` (``<stage>-waiting`` when the key cannot be computed yet)."""
+    """``<stage>-<stage key>`` (``<stage>-waiting`` when the key cannot be computed yet), plus the part."""
     stage = parameters.get("stage", "stage")
     try:
+        part = ShardPart.parse(parameters.get("part"))
+    except Exception:  # noqa: BLE001
+        part = None
+    suffix = f" part {part}" if part else ""
+    try:
         cfg = build_config(parameters.get("config"))
-        return f"{stage}-{compute_key(cfg, open_store(cfg), stage)}"
+        return f"{stage}-{compute_key(cfg, open_store(cfg), stage)}{suffix}"
     except Exception:  # noqa: BLE001 - a name must never fail the run; the task reports the error
-        return f"{stage}-waiting"
+        return f"{stage}-waiting{suffix}"
 
 
 def test_hooks(stage: str) -> dict:
@@ -148,23 +160,31 @@ def test_hooks(stage: str) -> dict:
     retry_jitter_factor=0.5,
     retry_condition_fn=retry_on_transient,
 )
-def stage_task(stage: str, config: dict, force: bool = False) -> State:
-    """Run one stage through ``comat_core.pipeline.run_stage``; the state's data is the stage URL."""
+def stage_task(stage: str, config: dict, force: bool = False, part: list[int] | None = None) -> State:
+    """Run one stage through ``comat_core.pipeline.run_stage``; the state's data is the stage URL.
+
+    ``part=[k, n]``: only the k-th of n slices of a sharded stage's shards, stage not committed."""
     from flows.artifacts import ProgressReporter, publish_stage
 
     cfg = build_config(config)
+    shard_part = ShardPart.parse(part)
     store = open_store(cfg)
     check_inputs(cfg, store, stage)
     key = compute_key(cfg, store, stage)
     progress = ProgressReporter(stage, key)
     t0 = time.time()
     try:
-        result = run_stage(cfg, store, stage, force=force, progress=progress.update, hooks=test_hooks(stage))
+        result = run_stage(cfg, store, stage, force=force, progress=progress.update, hooks=test_hooks(stage),
+                           shard_part=shard_part)
     except Exception as e:
         progress.fail(e)
         raise
     seconds = time.time() - t0
     progress.finish(result.cached)
+    if result.partial:
+        done = result.manifest["summary"]
+        return Completed(message=f"{stage} {result.key}: part {shard_part}, {done['shards_generated']} of "
+                                 f"{len(done['shards'])} shards computed in {seconds:.1f} s", data=result.url)
     publish_stage(store, result, seconds)
     if result.cached:
         return Completed(name="Cached", message=f"{stage} {result.key}: manifest exists in storage", data=result.url)
@@ -176,7 +196,12 @@ STAGE_TASKS = {name: stage_task.with_options(name=f"comat-{name}".replace("_", "
                for name, spec in STAGES.items()}
 
 
-def run_stage_task(stage: str, cfg: ComatConfig, force: bool = False) -> str:
-    """Call the stage's task inside a flow and return its URL (raises if the task failed)."""
-    state = STAGE_TASKS[stage](stage=stage, config=config_payload(cfg), force=force, return_state=True)
-    return state.result()
+def run_stage_task(stage: str, cfg: ComatConfig, force: bool = False, part: list[int] | None = None) -> str:
+    """Call the stage's task inside a flow and return its URL (raises if the task failed).
+
+    The result is persisted on the artifact store when it is local or S3 (``tasks/results.py``)."""
+    task = persisting(STAGE_TASKS[stage], cfg)
+    parameters = {"stage": stage, "config": config_payload(cfg), "force": force}
+    if part is not None:
+        parameters["part"] = list(part)
+    return task(**parameters, return_state=True).result()

@@ -20,25 +20,19 @@ from comat_core.sampler import (
     gradient_step_indices,
     max_start_index,
 )
+from lora_helpers import perturb_lora
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 PROMPTS = ["a red cube and a blue sphere", "a green bench"]
 
 
-def _perturb_lora(unet, seed=0):
-    """LoRA B starts at zero (so A gets no gradient); give it trained-like values for gradient tests."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in lora_named_parameters(unet).items():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 @pytest.fixture(scope="module")
 def sd15():
     backbone = Backbone.load("tiny://sd15", "sd15", 64)
     add_lora(backbone.unet, 2, 2, TARGETS)
-    _perturb_lora(backbone.unet)
+    perturb_lora(backbone.unet)
     return backbone
 
 
@@ -263,7 +257,7 @@ def test_sdxl_conditioning_time_ids_and_layers():
     assert cfg_batch.pooled.shape == (4, 32) and cfg_batch.time_ids.shape == (4, 6)
 
     add_lora(sdxl.unet, 2, 2, TARGETS)
-    _perturb_lora(sdxl.unet)
+    perturb_lora(sdxl.unet)
     capture = AttentionCapture(sdxl.unet, ["mid_block", "up_blocks.0"])
     # mid block: 2 transformer layers; up_blocks.0: 2 attentions x 2 layers
     assert len(capture.layer_names) == 6

@@ -37,6 +37,7 @@ from comat_core.trainer import (
     train,
     train_step,
 )
+from lora_helpers import perturb_lora
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 FAST = ["train.num_inference_steps=4", "train.grad_steps=2", "train.losses.attribute_steps=2"]
@@ -82,18 +83,12 @@ def _sources(records=None) -> TrainingSources:
     return TrainingSources(records, lambda ids: torch.stack([latents[i] for i in ids]), entity_masks)
 
 
-def _perturb_lora(unet, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in lora_named_parameters(unet).items():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 @pytest.fixture(scope="module")
 def training():
     tr = build_training(load_config("tiny", overrides=FAST))
-    _perturb_lora(tr.unet)
+    perturb_lora(tr.unet)
     return tr
 
 
@@ -267,7 +262,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 def test_exported_lora_loads_into_the_pipeline_and_changes_it(tmp_path):
     pipe = load_sd_pipeline("tiny://sd15", "sd15")
     add_lora(pipe.unet, rank=4, alpha=8, target_modules=TARGETS)  # scale 2: the metadata must carry alpha
-    _perturb_lora(pipe.unet)
+    perturb_lora(pipe.unet)
     weights = export_lora(pipe.unet, type(pipe), tmp_path / "lora")
     assert weights.name == "pytorch_lora_weights.safetensors"
 

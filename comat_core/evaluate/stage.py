@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from ..errors import InputError
 from ..models.loader import model_fingerprint
+from ..shards import check_fail_hook, part_summary, shards_to_do
 from .generate import free_memory, generate_images, load_generator, plan_samples, resolve_device, shard_plan, \
     weight_dtype
 from .metrics import EvalSample, MetricEnv, ScoringModels, headline_metric, metrics_for
@@ -54,6 +55,8 @@ def run(ctx) -> dict:
              for m in MODELS}
     device = resolve_device(cfg)
     generated = generate_all(ctx, plans, device)
+    if ctx.shard_part is not None:  # a fan-out part: scoring, report and manifest come with the last call
+        return part_summary(ctx, image_shard_names(plans), len(generated))
     scored = score_all(ctx, plans, prompts, device, regenerated=set(generated))
     rows = collect_scores(ctx, plans)
     ctx.writer.put_table("scores.parquet", pa.Table.from_pylist(rows, schema=SCORE_SCHEMA))
@@ -74,24 +77,29 @@ def run(ctx) -> dict:
 # 1. Images
 
 
+def image_shard_names(plans: dict[str, list[tuple[str, list[EvalSample]]]]) -> list[str]:
+    """The image shards' manifest names in generation order: base shards, then tuned."""
+    return [f"images-{name}" for m in MODELS for name, _ in plans[m]]
+
+
 def generate_all(ctx, plans: dict[str, list[tuple[str, list[EvalSample]]]], device) -> list[str]:
-    """Generate every image shard that is not done (returns their names).
+    """Generate every image shard that is not done (of ``ctx.shard_part`` only, when set); returns their names.
 
     ``hooks["fail_at_shard"] = k`` raises before the k-th shard (counting base then tuned shards), for tests.
     """
-    fail_at = ctx.hooks.get("fail_at_shard")
     ordinal = {name: i for i, (name, _) in enumerate(s for m in MODELS for s in plans[m])}
     total = len(ordinal)
+    names = image_shard_names(plans)
+    todo = {names[k].removeprefix("images-") for k in shards_to_do(ctx, names)}
     generated = []
     for model in MODELS:
-        pending = [(n, s) for n, s in plans[model] if not ctx.writer.shard_done(f"images-{n}")]
+        pending = [(n, s) for n, s in plans[model] if n in todo]
         log.info("evaluate: %s model, %d of %d image shards to generate", model, len(pending), len(plans[model]))
         if not pending:
             continue
         pipe = load_model(ctx, model, device)
         for name, samples in pending:
-            if fail_at is not None and ordinal[name] == int(fail_at):
-                raise RuntimeError(f"fail_at_shard hook: stopping before shard {ordinal[name]} ({name})")
+            check_fail_hook(ctx, ordinal[name], name)
             write_image_shard(ctx, name, samples, generate_images(pipe, samples, ctx.cfg))
             generated.append(name)
             ctx.progress(ordinal[name] + 1, total, f"generated {name}")

@@ -64,6 +64,13 @@ def _side(hw: int) -> int:
     return side
 
 
+def _token_columns(a: Tensor, token_indices: list[int]) -> Tensor:
+    """``a[:, token_indices]`` with the index tensor copied to ``a``'s device without a host sync
+    (indexing with a Python list copies it with a blocking transfer)."""
+    index = torch.tensor(token_indices, dtype=torch.long).to(a.device, non_blocking=True)
+    return a.index_select(-1, index)
+
+
 def _check_tokens(entities: list[EntityTarget], n_tokens: int) -> None:
     for entity in entities:
         if not entity.token_indices:
@@ -80,8 +87,8 @@ def token_loss(attention_map: Tensor, entities: list[EntityTarget]) -> Tensor:
     a = attention_map.float()
     per_entity = []
     for entity in entities:
-        mask = resize_mask(entity.mask, side).reshape(-1, 1).to(a.device)
-        token_maps = a[:, entity.token_indices]  # [h*w, n]
+        mask = resize_mask(entity.mask, side).reshape(-1, 1).to(a.device, non_blocking=True)
+        token_maps = _token_columns(a, entity.token_indices)  # [h*w, n]
         inside = (token_maps * mask).sum(0) / token_maps.sum(0).clamp(min=1e-12)
         per_entity.append(((1.0 - inside) ** 2).mean())
     return torch.stack(per_entity).mean()
@@ -96,8 +103,8 @@ def pixel_loss(attention_map: Tensor, entities: list[EntityTarget]) -> Tensor:
     per_entity = []
     with torch.autocast(device_type=a.device.type, enabled=False):
         for entity in entities:
-            mask = resize_mask(entity.mask, side).reshape(-1).to(a.device)
-            summed = a[:, entity.token_indices].sum(-1).clamp(0.0, 1.0)
+            mask = resize_mask(entity.mask, side).reshape(-1).to(a.device, non_blocking=True)
+            summed = _token_columns(a, entity.token_indices).sum(-1).clamp(0.0, 1.0)
             per_entity.append(F.binary_cross_entropy(summed, mask))
     return torch.stack(per_entity).mean()
 
@@ -114,7 +121,8 @@ def _entities_at_resolutions(
 ) -> dict[int, list[EntityTarget]]:
     """The entities with their masks resized once per map resolution (keyed by h*w) and moved to ``device``."""
     return {
-        hw: [EntityTarget(e.token_indices, resize_mask(e.mask, _side(hw)).to(device)) for e in entities]
+        hw: [EntityTarget(e.token_indices, resize_mask(e.mask, _side(hw)).to(device, non_blocking=True))
+             for e in entities]
         for hw in resolution_maps
     }
 

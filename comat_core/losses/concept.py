@@ -110,11 +110,12 @@ class ConceptActivationLoss:
         """``(input_ids, attention_mask, labels)`` for ``prefix + prompt.lower()``, padded to the longest."""
         texts = [self.prefix + prompt.lower() for prompt in prompts]
         encoded = self.tokenizer(texts, padding="longest", truncation=True, return_tensors="pt")
-        input_ids = encoded.input_ids.to(device)
-        attention_mask = encoded.attention_mask.to(device)
         n_prefix = len(self.prefix_ids)
-        if not torch.equal(input_ids[:, :n_prefix].cpu(), torch.tensor([self.prefix_ids] * len(texts))):
+        # checked on the host copy: reading a device tensor back would wait for the GPU queue
+        if not torch.equal(encoded.input_ids[:, :n_prefix], torch.tensor([self.prefix_ids] * len(texts))):
             raise ConfigError(f"caption prefix {self.prefix!r} does not tokenize the same inside the prompts")
+        input_ids = encoded.input_ids.to(device, non_blocking=True)
+        attention_mask = encoded.attention_mask.to(device, non_blocking=True)
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
         labels[:, :n_prefix] = IGNORE_INDEX
         return input_ids, attention_mask, labels

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..prompts import read_prompts
+from ..shards import check_fail_hook, part_summary, shards_to_do
 from .encoding import encode_mask
 from .reader import resize_mask
 
@@ -116,8 +117,11 @@ def run(ctx) -> dict:
     if missing:
         raise InputError(f"gan_gt has no latent for {len(missing)} prompt(s) (e.g. {missing[0]}); rerun gan_gt")
     shards = [work[i : i + mcfg.shard_size] for i in range(0, len(work), mcfg.shard_size)]
-    pending = [n for n in range(len(shards)) if not ctx.writer.shard_done(shard_name(n))]
+    names = [shard_name(n) for n in range(len(shards))]
+    pending = shards_to_do(ctx, names)
     tally = _compute_shards(ctx, gt, shards, pending)
+    if ctx.shard_part is not None:  # a fan-out part: the summary and the manifest come with the last call
+        return part_summary(ctx, names, len(pending)) | {"images": tally.images}
     metas = [ctx.writer.shard_meta(shard_name(n))["meta"] for n in range(len(shards))]
     resolutions = sorted({m["mask_resolution"] for m in metas})
     return {
@@ -146,11 +150,9 @@ def _compute_shards(ctx, gt, shards: list[list], pending: list[int]) -> _Tally:
     total = sum(len(s) for s in shards)
     bar = tqdm(total=total, initial=total - sum(len(shards[n]) for n in pending), unit="img", desc="masks",
                dynamic_ncols=True)
-    fail_at = ctx.hooks.get("fail_at_shard")  # tests: raise before generating this shard
     try:
         for n in pending:
-            if fail_at is not None and n == int(fail_at):
-                raise RuntimeError(f"test hook: fail_at_shard={n}")
+            check_fail_hook(ctx, n)
             if models is None:
                 models = (load_vae(ctx.cfg, precision, device), make_backend(ctx.cfg, device, precision))
             _compute_shard(ctx, gt, models, n, shards[n], tally, bar)

@@ -137,6 +137,11 @@ def _ensure_tiny(kind: str) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         try:
             build_tiny(kind, tmp)
+            # transformers' save_pretrained writes weights on distributed rank 0 only: never cache a
+            # folder without them (a rank > 0 building first would otherwise poison the cache)
+            if not any(tmp.rglob("*.safetensors")):
+                raise RuntimeError(f"building tiny model {kind!r} wrote no weights (inside a non-zero distributed "
+                                   "rank?); build it before the process group starts")
             os.rename(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
