@@ -6,7 +6,7 @@ Usage:
   python benchmarks/generate.py --preset sdxl --size real --batch-size 8
 
 ``--size preset`` loads the models the preset names (the tiny zoo for tiny presets; Hub ids or local
-paths otherwise) exactly as the stage does (``evaluate.generate.load_generator``). ``--size real``
+paths otherwise) exactly as the stage does (``generation.load_generator``). ``--size real``
 builds the preset family's real architecture with random weights in memory (SD1.5: UNet 860 M,
 CLIP ViT-L text encoder, SD VAE; SDXL: UNet 2.6 B, CLIP ViT-L + OpenCLIP bigG text encoders, VAE)
 with the tiny CLIP tokenizer (random weights need no real vocabulary), so nothing is downloaded.
@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 
 from comat_core.config import load_config
-from comat_core.evaluate.generate import load_generator, resolve_device, weight_dtype
 from comat_core.gan_gt import generate_latents, prompt_seed
+from comat_core.generation import load_generator
+from comat_core.runtime import resolve_device, weight_dtype
 
 PROMPTS = ["a red cube and a blue sphere", "a green apple and a yellow banana", "a black cat and a white dog",
            "a wooden table and a metallic chair"]

@@ -12,7 +12,7 @@ random, so the images are noise; the thresholds default to 0, so that every noun
 ``--boxes-per-noun`` boxes and SAM does the work real images would give it (the stage's thresholds
 are 0.3 / 0.25).
 
-``--size preset`` loads the preset's models by name (``make_backend``, ``load_vae``), as the stage
+``--size preset`` loads the preset's models by name (``make_backend``, ``config_vae``), as the stage
 does. ``--size real`` builds random-init models at the real checkpoints' size in memory: Grounding
 DINO base (Swin-B, BERT-base text, 900 queries, 4 levels, 800-px input), SAM ViT-H (1024 px; the
 transformers ``SamModel`` for ``--backend hf``, ``segment_anything``'s ``vit_h`` for ``gsam``) and the
@@ -35,9 +35,9 @@ import torch
 from generate import build_on, environment, real_vae, timed, write_json  # this folder's generate.py
 
 from comat_core.config import load_config
-from comat_core.evaluate.generate import resolve_device, weight_dtype
-from comat_core.gan_gt import decode_latents, load_vae
+from comat_core.gan_gt import config_vae, decode_latents
 from comat_core.masks.backends import GroundedSam, GroundingDinoDetector, make_backend
+from comat_core.runtime import resolve_device, weight_dtype
 
 NOUNS = ["apple", "car", "dog", "chair", "bench", "bowl", "cube", "sphere"]
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     t = time.perf_counter()
     if args.size == "preset":
-        vae, backend = load_vae(cfg, precision, device), make_backend(cfg, device, precision)
+        vae, backend = config_vae(cfg, precision, device), make_backend(cfg, device, precision)
         latent_size = cfg.gan_gt.resolution // 8
     else:
         vae = real_vae(device, cfg.models.family).to(precision)

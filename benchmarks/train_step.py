@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import platform
@@ -62,6 +61,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from comat_core.config import load_config  # noqa: E402
 from comat_core.models.loader import cache_dir  # noqa: E402
+from comat_core.runtime import free_memory  # noqa: E402
 
 REFERENCE_SCRIPT = ROOT.parent / "shared" / "bench" / "reference_step.py"
 BUILD_VERSION = "1"  # bump when a config below changes: the model folders are rebuilt
@@ -315,12 +315,6 @@ def log(*parts) -> None:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 class PhaseTimer:

@@ -132,9 +132,7 @@ class Backbone:
         from .models.loader import load_sd_pipeline
 
         pipe = load_sd_pipeline(pretrained, family, dtype=dtype, device=device, unet_override=unet_override,
-                                field="models.pretrained")
-        if vae is not None:
-            pipe.vae = _load_vae(vae, dtype).to(device)
+                                field="models.pretrained", vae=vae)
         return cls(pipe, family, resolution, decode_to_unit_range)
 
     @property
@@ -258,20 +256,3 @@ def checkpoint_decoder_layers(vae) -> int:
         layer._comat_checkpointed = True
     return len(layers)
 
-
-def _load_vae(name: str, dtype: torch.dtype):
-    """A VAE override (e.g. ``madebyollin/sdxl-vae-fp16-fix``): a VAE folder or a pipeline folder's ``vae/``."""
-    from pathlib import Path
-
-    from diffusers import AutoencoderKL
-
-    from .errors import InputError
-    from .models.loader import freeze, resolve_model
-
-    source = resolve_model(name, "models.vae")
-    subfolder = "vae" if (Path(source) / "model_index.json").is_file() else None
-    try:
-        vae = AutoencoderKL.from_pretrained(source, subfolder=subfolder, dtype=dtype, use_safetensors=True)
-    except OSError as exc:
-        raise InputError(f"cannot load the VAE {name!r} (models.vae): {str(exc).splitlines()[0]}") from exc
-    return freeze(vae)

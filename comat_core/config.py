@@ -414,6 +414,9 @@ def _check_key(dotted: str) -> None:
         raise ConfigError(f"unknown config key {dotted!r}{extra}")
 
 
+_YAML11_WORDS = {"yes", "no", "on", "off", "y", "n"}
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``a.b=c`` → (``a.b``, value parsed as YAML so numbers, booleans and lists get their types)."""
     if "=" not in text:
@@ -421,6 +424,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     key = key.strip()
     _check_key(key)
+    if raw.strip().lower() in _YAML11_WORDS:  # YAML 1.1 reads "no" as False: keep it text for Literal fields
+        return key, raw.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:

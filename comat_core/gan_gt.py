@@ -33,7 +33,6 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from pathlib import Path
 
 import pyarrow as pa
 import torch
@@ -71,21 +70,13 @@ def prompt_seed(global_seed: int, prompt_id: str) -> int:
 # Models
 
 
-def load_vae(cfg, dtype: torch.dtype, device: torch.device):
+def config_vae(cfg, dtype: torch.dtype, device: torch.device):
     """The VAE that decodes this config's latents: ``models.vae`` when set, else the base model's ``vae/``."""
-    from diffusers import AutoencoderKL
+    from .models.loader import load_vae
 
-    from .models.loader import freeze, resolve_model
-
-    name, field = (cfg.models.vae, "models.vae") if cfg.models.vae else (cfg.models.pretrained, "models.pretrained")
-    source = resolve_model(name, field)
-    subfolder = "vae" if cfg.models.vae is None or (Path(source) / "model_index.json").is_file() else None
-    try:
-        vae = AutoencoderKL.from_pretrained(source, subfolder=subfolder, dtype=dtype, use_safetensors=True)
-    except OSError as exc:
-        raise InputError(f"cannot load the VAE from {name!r} ({field}): {str(exc).strip().splitlines()[0]}; "
-                         "download it or point the setting at a local folder") from exc
-    return freeze(vae.to(device))
+    if cfg.models.vae:
+        return load_vae(cfg.models.vae, dtype, device, field="models.vae")
+    return load_vae(cfg.models.pretrained, dtype, device, field="models.pretrained", pipeline=True)
 
 
 @torch.no_grad()
@@ -114,19 +105,10 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 
 def load_base_pipeline(ctx, device: torch.device):
     """The frozen base pipeline with a DDPM scheduler (and the SDXL pre-finetuned UNet when given)."""
-    from .evaluate.generate import load_generator
+    from .generation import load_generator
+    from .prefinetune import prefinetuned_unet
 
     return load_generator(ctx.cfg, device, unet_dir=prefinetuned_unet(ctx))
-
-
-def prefinetuned_unet(ctx) -> str | None:
-    """The ``sdxl_prefinetune`` stage's ``unet/`` folder, materialised locally, when that input is present."""
-    reader = ctx.inputs.get("sdxl_prefinetune")
-    if reader is None:
-        return None
-    if not reader.list(prefix="unet/"):
-        raise InputError(f"the sdxl_prefinetune stage at {reader.url} has no unet/ folder; rerun it with --force")
-    return str(reader.download_tree("unet", ctx.scratch() / "prefinetuned-unet"))
 
 
 @torch.no_grad()
@@ -135,7 +117,7 @@ def generate_latents(pipe, texts: list[str], seeds: list[int], gcfg) -> torch.Te
 
     Sample i's initial noise and DDPM noise come from its own CPU generator seeded with ``seeds[i]``.
     """
-    from .evaluate.generate import draw
+    from .generation import draw
 
     latents = draw(pipe, texts, seeds, resolution=gcfg.resolution, num_inference_steps=gcfg.num_inference_steps,
                    guidance_scale=gcfg.guidance_scale, output_type="latent")
@@ -159,7 +141,7 @@ class _Throughput:
 
 def run(ctx) -> dict:
     """Stage entry point (see comat_core.pipeline)."""
-    from .evaluate.generate import free_memory, resolve_device
+    from .runtime import free_memory, resolve_device
 
     gcfg = ctx.cfg.gan_gt
     prompts = read_prompts(ctx.inputs["prompts"])
@@ -240,10 +222,10 @@ def _write_preview(ctx, vae, latents: torch.Tensor, device) -> str | None:
     """``preview.png``: the first ``preview_images`` latents decoded, in one grid."""
     if ctx.cfg.gan_gt.preview_images == 0:
         return None
-    from .evaluate.generate import weight_dtype
+    from .runtime import weight_dtype
 
     if vae is None:
-        vae = load_vae(ctx.cfg, weight_dtype(ctx.cfg, device), device)
+        vae = config_vae(ctx.cfg, weight_dtype(ctx.cfg, device), device)
     ctx.writer.put_image(PREVIEW, image_grid(decode_latents(vae, latents)))
     return PREVIEW
 

@@ -38,8 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError, InputError
-from .evaluate.generate import draw, free_memory, load_generator, resolve_device, weight_dtype
+from .generation import draw, load_generator
 from .prompts import read_prompts
+from .runtime import free_memory, mixed_precision, resolve_device
 from .shards import check_fail_hook, part_summary, shards_to_do
 
 log = logging.getLogger("comat.prefinetune")
@@ -74,6 +75,16 @@ def run(ctx) -> dict:
 def prompt_seed(seed: int, prompt_id: str) -> int:
     """A per-prompt seed from the stage seed and the prompt id (stable across prompt order)."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def prefinetuned_unet(ctx) -> str | None:
+    """This stage's ``unet/`` folder (the SDXL 512-px UNet), materialised locally, when a stage has it as input."""
+    reader = ctx.inputs.get("sdxl_prefinetune")
+    if reader is None:
+        return None
+    if not reader.list(prefix="unet/"):
+        raise InputError(f"the sdxl_prefinetune stage at {reader.url} has no unet/ folder; rerun it with --force")
+    return str(reader.download_tree("unet", ctx.scratch() / "prefinetuned-unet"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,9 +179,7 @@ def finetune(ctx, items: list[dict], device) -> list[float]:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     cfg, pf = ctx.cfg, ctx.cfg.sdxl_prefinetune
-    dtype = weight_dtype(cfg, device)
-    precision = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg, device), cpu=device.type == "cpu")
     frozen = load_generator(cfg, accelerator.device)  # text encoders, VAE and scheduler config
     unet = UNet2DConditionModel.from_pretrained(_unet_source(cfg), subfolder="unet", dtype=torch.float32,
                                                 use_safetensors=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .errors import InputError
 from .pipeline import StageContext
+from .prefinetune import prefinetuned_unet
 from .prompts import read_prompts
 from .trainer import TrainingSources, train
 
@@ -33,16 +34,6 @@ def sources_from_inputs(ctx: StageContext) -> TrainingSources:
 
         entity_masks = MaskReader(ctx.inputs["masks"]).entity_masks
     return TrainingSources(records, gt.latents, entity_masks)
-
-
-def prefinetuned_unet(ctx: StageContext) -> str | None:
-    """The SDXL 512-px pre-finetuned UNet folder, materialised locally, when that stage ran."""
-    reader = ctx.inputs.get("sdxl_prefinetune")
-    if reader is None:
-        return None
-    if not reader.list(prefix="unet/"):
-        raise InputError(f"the sdxl_prefinetune stage at {reader.url} has no unet/ folder; rerun it with --force")
-    return str(reader.download_tree("unet", ctx.scratch() / "prefinetuned-unet"))
 
 
 def run(ctx: StageContext) -> dict:

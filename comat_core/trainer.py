@@ -70,6 +70,7 @@ from .losses.attribute import EntityTarget, attribute_concentration_loss
 from .losses.fidelity import discriminator_gan_loss, generator_gan_loss
 from .lora import add_lora, export_lora, load_lora_state_dict, lora_state_dict
 from .sampler import DifferentiableSampler
+from .runtime import DTYPES, mixed_precision, resolve_device
 from .storage import StageWriter
 
 log = logging.getLogger("comat.train")
@@ -222,28 +223,12 @@ class Training:
         return self.backbone.unet
 
 
-def resolve_precision(cfg: ComatConfig) -> tuple[str, str, torch.dtype]:
-    """(device, accelerate mixed_precision, frozen-weight dtype); fp32 on CPU whatever is configured."""
-    device = cfg.runtime.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("runtime.device is cuda but no CUDA GPU is visible; set runtime.device=cpu or auto")
-    mode = cfg.runtime.mixed_precision
-    if device == "cpu":
-        mode = "no"
-    elif mode == "auto":
-        mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
-    return device, mode, dtype
-
-
 def make_accelerator(cfg: ComatConfig, project_dir: str | Path | None = None):
     """An ``Accelerator`` with the configured precision and the trackers that can run here."""
     from accelerate import Accelerator
 
-    device, mode, _ = resolve_precision(cfg)
-    return Accelerator(mixed_precision=mode, cpu=device == "cpu", log_with=_trackers(cfg) or None,
+    device = resolve_device(cfg)
+    return Accelerator(mixed_precision=mixed_precision(cfg, device), cpu=device.type == "cpu", log_with=_trackers(cfg) or None,
                        project_dir=str(project_dir) if project_dir else None)
 
 
@@ -279,7 +264,8 @@ def build_training(cfg: ComatConfig, accelerator=None, unet_override: str | None
     if not any(w > 0 for w in (lc.concept_weight, lc.token_weight, lc.pixel_weight, lc.gan_weight)):
         raise ConfigError("every train.losses weight is 0: set at least one of concept/token/pixel/gan_weight > 0")
     accelerator = accelerator or make_accelerator(cfg)
-    _, mode, dtype = resolve_precision(cfg)
+    mode = mixed_precision(cfg, resolve_device(cfg))
+    dtype = DTYPES[mode]
     device = accelerator.device
     set_seed(tc.seed)
 

@@ -41,6 +41,9 @@ def test_yaml_then_overrides(tmp_path):
 def test_override_types():
     assert parse_override("train.learning_rate=1e-4") == ("train.learning_rate", 1e-4)
     assert parse_override("train.gradient_checkpointing=false") == ("train.gradient_checkpointing", False)
+    # YAML 1.1 would read these as booleans; the Literal field wants the word, the bool field accepts it
+    assert load_config("tiny", overrides=["runtime.mixed_precision=no"]).runtime.mixed_precision == "no"
+    assert load_config("tiny", overrides=["train.gradient_checkpointing=off"]).train.gradient_checkpointing is False
 
 
 @pytest.mark.parametrize("args, needle", [

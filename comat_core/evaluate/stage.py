@@ -24,10 +24,12 @@ from pathlib import Path
 import pyarrow as pa
 
 from ..errors import InputError
+from ..generation import load_generator
 from ..models.loader import model_fingerprint
+from ..prefinetune import prefinetuned_unet
+from ..runtime import free_memory, resolve_device, weight_dtype
 from ..shards import check_fail_hook, part_summary, shards_to_do
-from .generate import free_memory, generate_images, load_generator, plan_samples, resolve_device, shard_plan, \
-    weight_dtype
+from .generate import generate_images, plan_samples, shard_plan
 from .metrics import EvalSample, MetricEnv, ScoringModels, headline_metric, metrics_for
 from .prompt_sets import EvalPrompts, load_eval_prompts
 from .report import grid_image, render_markdown, summarise
@@ -112,14 +114,10 @@ def load_model(ctx, model: str, device):
     """``base``: the pretrained pipeline; ``tuned``: pre-finetuned UNet (if any) plus the trained LoRA."""
     if model == "base":
         return load_generator(ctx.cfg, device)
-    scratch = ctx.scratch()
-    lora_dir = ctx.inputs["train"].download_tree("lora", scratch / "lora")
+    lora_dir = ctx.inputs["train"].download_tree("lora", ctx.scratch() / "lora")
     if not any(lora_dir.iterdir()):
         raise InputError(f"the train stage at {ctx.inputs['train'].url} has no lora/ files; rerun train")
-    unet_dir = None
-    if "sdxl_prefinetune" in ctx.inputs:
-        unet_dir = str(ctx.inputs["sdxl_prefinetune"].download_tree("unet", scratch / "prefinetune-unet"))
-    return load_generator(ctx.cfg, device, unet_dir=unet_dir, lora_dir=str(lora_dir))
+    return load_generator(ctx.cfg, device, unet_dir=prefinetuned_unet(ctx), lora_dir=str(lora_dir))
 
 
 def write_image_shard(ctx, name: str, samples: list[EvalSample], images: list) -> None:

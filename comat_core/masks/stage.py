@@ -137,8 +137,8 @@ def run(ctx) -> dict:
 
 
 def _compute_shards(ctx, gt, shards: list[list], pending: list[int]) -> _Tally:
-    from ..evaluate.generate import free_memory, resolve_device, weight_dtype
-    from ..gan_gt import load_vae
+    from ..gan_gt import config_vae
+    from ..runtime import free_memory, resolve_device, weight_dtype
     from .backends import make_backend
 
     tally = _Tally()
@@ -154,7 +154,7 @@ def _compute_shards(ctx, gt, shards: list[list], pending: list[int]) -> _Tally:
         for n in pending:
             check_fail_hook(ctx, n)
             if models is None:
-                models = (load_vae(ctx.cfg, precision, device), make_backend(ctx.cfg, device, precision))
+                models = (config_vae(ctx.cfg, precision, device), make_backend(ctx.cfg, device, precision))
             _compute_shard(ctx, gt, models, n, shards[n], tally, bar)
     finally:
         bar.close()

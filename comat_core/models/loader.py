@@ -222,11 +222,13 @@ def load_sd_pipeline(
     device: torch.device | str = "cpu",
     unet_override: str | None = None,
     field: str | None = None,
+    vae: str | None = None,
 ):
     """A frozen diffusers Stable Diffusion pipeline (``sd15`` or ``sdxl`` family), safety checker off.
 
     ``unet_override`` replaces the UNet: a UNet folder (``config.json``) or a pipeline folder
     (``model_index.json``, its ``unet/`` is used), e.g. the SDXL 512-px pre-finetuned UNet.
+    ``vae`` replaces the VAE (``models.vae``, e.g. ``madebyollin/sdxl-vae-fp16-fix``), see ``load_vae``.
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -239,6 +241,8 @@ def load_sd_pipeline(
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
     if unet_override is not None:
         kwargs["unet"] = _load_unet(unet_override, dtype)
+    if vae is not None:
+        kwargs["vae"] = load_vae(vae, dtype, field="models.vae")
 
     def load(source: str):
         return cls.from_pretrained(source, dtype=dtype, use_safetensors=True, **kwargs)
@@ -275,6 +279,23 @@ def _load_unet(name: str, dtype: torch.dtype):
         )
 
     return _load("UNet", name, load)
+
+
+def load_vae(name: str, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
+             field: str | None = None, *, pipeline: bool | None = None):
+    """A frozen ``AutoencoderKL`` from a VAE folder or a pipeline folder's ``vae/``.
+
+    ``pipeline``: None detects a local pipeline folder (``model_index.json``); True reads ``vae/``
+    of any name (a Hub pipeline id, whose files are not local); False reads the folder itself.
+    """
+    from diffusers import AutoencoderKL
+
+    def load(source: str):
+        is_pipeline = (Path(source) / "model_index.json").is_file() if pipeline is None else pipeline
+        return AutoencoderKL.from_pretrained(source, subfolder="vae" if is_pipeline else None,
+                                             dtype=torch_dtype(dtype), use_safetensors=True)
+
+    return freeze(_load("VAE", name, load, field).to(device))
 
 
 def load_tokenizer(name: str, subfolder: str | None = "tokenizer", field: str | None = None):
