@@ -45,11 +45,37 @@ class MaskBackend(ABC):
 
 
 class BoxSegmenter(ABC):
-    """SAM behind one call: per image, boxes (xyxy, pixels of ``images``) → one boolean mask per box."""
+    """SAM behind one call: per image, boxes (xyxy, pixels of ``images``) → one boolean mask per box.
 
-    @abstractmethod
+    Both SAM flavours resize the longest side to ``longest`` px; images without boxes skip the model.
+    """
+
+    longest: int
+
+    def resized(self, height: int, width: int) -> tuple[int, int]:
+        """The model's input size for an image of ``height x width`` (longest side ``self.longest``)."""
+        scale = self.longest / max(height, width)
+        return int(height * scale + 0.5), int(width * scale + 0.5)
+
+    @torch.no_grad()
     def segment(self, images: torch.Tensor, boxes: list[torch.Tensor]) -> list[torch.Tensor]:
         """``images [B, 3, H, W]`` in [0, 1], ``boxes[b]: [k_b, 4]`` → ``masks[b]: [k_b, H, W]`` bool."""
+        height, width = images.shape[-2:]
+        out = [torch.zeros(len(b), height, width, dtype=torch.bool) for b in boxes]
+        todo = [i for i, b in enumerate(boxes) if len(b)]
+        if not todo:
+            return out
+        new_h, new_w = self.resized(height, width)
+        scale = torch.tensor([new_w / width, new_h / height, new_w / width, new_h / height])
+        masks = self.segment_resized(images[todo], [boxes[i] * scale for i in todo], (new_h, new_w))
+        for i, m in zip(todo, masks):
+            out[i] = m
+        return out
+
+    @abstractmethod
+    def segment_resized(self, images: torch.Tensor, boxes: list[torch.Tensor],
+                        size: tuple[int, int]) -> list[torch.Tensor]:
+        """Images that all have boxes; boxes already scaled to the resized ``size`` → masks at the images' size."""
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

@@ -108,36 +108,25 @@ def build_sam(model_type: str, checkpoint: str | None):
 class SegmentAnythingSegmenter(BoxSegmenter):
     def __init__(self, sam, precision: torch.dtype = torch.float32):
         self.sam, self.precision = sam, precision
-        self.size = int(sam.image_encoder.img_size)
+        self.longest = int(sam.image_encoder.img_size)
 
     @property
     def device(self) -> torch.device:
         return self.sam.device
 
-    def resized(self, height: int, width: int) -> tuple[int, int]:
-        scale = self.size / max(height, width)
-        return int(height * scale + 0.5), int(width * scale + 0.5)
-
-    @torch.no_grad()
-    def segment(self, images: torch.Tensor, boxes: list[torch.Tensor]) -> list[torch.Tensor]:
+    def segment_resized(self, images, boxes, size):
         height, width = images.shape[-2:]
-        out = [torch.zeros(len(b), height, width, dtype=torch.bool) for b in boxes]
-        todo = [i for i, b in enumerate(boxes) if len(b)]
-        if not todo:
-            return out
-        new_h, new_w = self.resized(height, width)
-        scale = torch.tensor([new_w / width, new_h / height, new_w / width, new_h / height])
-        x = resize_images(images[todo].to(self.device).float() * 255, (new_h, new_w))
+        x = resize_images(images.to(self.device).float() * 255, size)
+        out = []
         with autocast(self.device, self.precision):
             embeddings = self.sam.image_encoder(self.sam.preprocess(x))
-            for j, i in enumerate(todo):
-                sparse, dense = self.sam.prompt_encoder(points=None, boxes=(boxes[i] * scale).to(self.device),
-                                                        masks=None)
+            for j, b in enumerate(boxes):
+                sparse, dense = self.sam.prompt_encoder(points=None, boxes=b.to(self.device), masks=None)
                 low_res, _ = self.sam.mask_decoder(
                     image_embeddings=embeddings[j : j + 1], image_pe=self.sam.prompt_encoder.get_dense_pe(),
                     sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
-                masks = self.sam.postprocess_masks(low_res.float(), (new_h, new_w), (height, width))
-                out[i] = (masks[:, 0] > self.sam.mask_threshold).cpu()
+                masks = self.sam.postprocess_masks(low_res.float(), size, (height, width))
+                out.append((masks[:, 0] > self.sam.mask_threshold).cpu())
         return out
 
 

@@ -29,37 +29,28 @@ class HfSamSegmenter(BoxSegmenter):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def resized(self, height: int, width: int) -> tuple[int, int]:
-        scale = self.longest / max(height, width)
-        return int(height * scale + 0.5), int(width * scale + 0.5)
-
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
         height, width = self.resized(*images.shape[-2:])
         x = resize_images(images.float(), (height, width))
         x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         return F.pad(x, (0, self.pad[1] - width, 0, self.pad[0] - height))
 
-    @torch.no_grad()
-    def segment(self, images: torch.Tensor, boxes: list[torch.Tensor]) -> list[torch.Tensor]:
+    def segment_resized(self, images, boxes, size):
         height, width = images.shape[-2:]
-        out = [torch.zeros(len(b), height, width, dtype=torch.bool) for b in boxes]
-        todo = [i for i, b in enumerate(boxes) if len(b)]
-        if not todo:
-            return out
-        new_h, new_w = self.resized(height, width)
-        scale = torch.tensor([new_w / width, new_h / height, new_w / width, new_h / height])
-        most = max(len(boxes[i]) for i in todo)
-        padded = torch.stack([torch.cat([boxes[i], boxes[i][:1].expand(most - len(boxes[i]), 4)]) for i in todo])
+        new_h, new_w = size
+        most = max(len(b) for b in boxes)
+        padded = torch.stack([torch.cat([b, b[:1].expand(most - len(b), 4)]) for b in boxes])
         dtype = next(self.model.parameters()).dtype
         with autocast(self.device, self.precision):
-            embeddings = self.model.get_image_embeddings(self.pixel_values(images[todo].to(self.device)).to(dtype))
-            low_res = self.model(image_embeddings=embeddings, input_boxes=(padded * scale).to(self.device, dtype),
+            embeddings = self.model.get_image_embeddings(self.pixel_values(images.to(self.device)).to(dtype))
+            low_res = self.model(image_embeddings=embeddings, input_boxes=padded.to(self.device, dtype),
                                  multimask_output=False).pred_masks[:, :, 0]
-        for j, i in enumerate(todo):
-            masks = low_res[j, : len(boxes[i])].float()[:, None]
+        out = []
+        for j, b in enumerate(boxes):
+            masks = low_res[j, : len(b)].float()[:, None]
             masks = F.interpolate(masks, size=self.pad, mode="bilinear", align_corners=False)[..., :new_h, :new_w]
             masks = F.interpolate(masks, size=(height, width), mode="bilinear", align_corners=False)
-            out[i] = (masks[:, 0] > 0).cpu()
+            out.append((masks[:, 0] > 0).cpu())
         return out
 
 
