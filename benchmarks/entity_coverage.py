@@ -14,7 +14,7 @@ import random
 import re
 import time
 
-from comat_core.entities import extract_entities
+from comat_core.stages.entities import extract_entities
 
 # the template of T2I-CompBench's attribute prompts: "a green bench and a blue bowl" (lowercase "a",
 # up to three words per noun group, an optional "of …" complement)

@@ -10,7 +10,7 @@ paths otherwise) exactly as the stage does (``generation.load_generator``). ``--
 builds the preset family's real architecture with random weights in memory (SD1.5: UNet 860 M,
 CLIP ViT-L text encoder, SD VAE; SDXL: UNet 2.6 B, CLIP ViT-L + OpenCLIP bigG text encoders, VAE)
 with the tiny CLIP tokenizer (random weights need no real vocabulary), so nothing is downloaded.
-Either way the timed call is the stage's own ``comat_core.gan_gt.generate_latents`` (DDPM built from
+Either way the timed call is the stage's own ``comat_core.stages.gan_gt.generate_latents`` (DDPM built from
 the scheduler config, CFG, per-sample CPU generators), with the preset's resolution, steps and
 guidance (``--steps`` / ``--resolution`` override them), in the precision ``runtime.mixed_precision``
 gives (bf16 on a recent GPU, fp32 on CPU).
@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 from comat_core.config import load_config
-from comat_core.gan_gt import generate_latents, prompt_seed
-from comat_core.generation import load_generator
+from comat_core.stages.gan_gt import generate_latents, prompt_seed
+from comat_core.models.generation import load_generator
 from comat_core.runtime import resolve_device, weight_dtype
 
 PROMPTS = ["a red cube and a blue sphere", "a green apple and a yellow banana", "a black cat and a white dog",

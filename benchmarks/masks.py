@@ -35,8 +35,9 @@ import torch
 from generate import build_on, environment, real_vae, timed, write_json  # this folder's generate.py
 
 from comat_core.config import load_config
-from comat_core.gan_gt import config_vae, decode_latents
-from comat_core.masks.backends import GroundedSam, GroundingDinoDetector, make_backend
+from comat_core.stages.gan_gt import config_vae, decode_latents
+from comat_core.stages.masks.backends import GroundedSam, GroundingDinoDetector
+from comat_core.stages.masks.factory import make_backend
 from comat_core.runtime import resolve_device, weight_dtype
 
 NOUNS = ["apple", "car", "dog", "chair", "bench", "bowl", "cube", "sphere"]
@@ -70,12 +71,12 @@ def real_detector(device: torch.device, box_threshold: float, text_threshold: fl
 def real_segmenter(backend: str, device: torch.device, precision: torch.dtype):
     """SAM ViT-H architecture, random weights: transformers' ``SamModel`` (hf) or ``segment_anything`` (gsam)."""
     if backend == "gsam":
-        from comat_core.masks.gsam import SegmentAnythingSegmenter, sam_builders
+        from comat_core.stages.masks.gsam import SegmentAnythingSegmenter, sam_builders
 
         return SegmentAnythingSegmenter(build_on(device, sam_builders()["vit_h"]), precision)
     from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
 
-    from comat_core.masks.hf import HfSamSegmenter
+    from comat_core.stages.masks.hf import HfSamSegmenter
 
     vision = dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, global_attn_indexes=[7, 15, 23, 31],
                   mlp_dim=5120)

@@ -15,7 +15,7 @@ captioning, all from configs in this file with random weights (nothing is downlo
 tokenizers are the tiny zoo's, which random weights do not care about).
 The production config (``load_config("sd15" | "sdxl")``) is pointed at those folders
 (``models.pretrained``, ``models.captioner``, ``models.discriminator`` = the SD1.5 folder) and the
-timed call is the production ``comat_core.trainer.train_step`` on a ``build_training`` result: 50
+timed call is the production ``comat_core.method.trainer.train_step`` on a ``build_training`` result: 50
 DDPM steps, K = 5 gradient steps, CFG 7.5, concept activation, attribute concentration ON (two
 entities per prompt with synthetic half-image masks, through the production ``TrainingData``), the
 latent discriminator's G-side and D step, AdamW on the LoRAs (rank 128).
@@ -281,8 +281,8 @@ def production_config(args, paths: dict[str, Path], overrides: list[str], batch:
 
 def step_inputs(tr, batch: int, seed: int):
     """One micro-batch through the production ``TrainingData`` (token alignment, mask resizing)."""
-    from comat_core.masks.reader import EntityMask
-    from comat_core.trainer import TrainingData, TrainingSources
+    from comat_core.stages.masks.reader import EntityMask
+    from comat_core.method.trainer import TrainingData, TrainingSources
 
     records = []
     for i in range(batch):
@@ -370,7 +370,7 @@ class PhaseTimer:
 @contextlib.contextmanager
 def instrumented(tr, timer: PhaseTimer):
     """Wrap the production objects of ``tr`` (and two trainer functions) with phase timers, then restore."""
-    import comat_core.trainer as trainer
+    import comat_core.method.trainer as trainer
 
     class _Timed:  # ``tr.concept(...)`` looks ``__call__`` up on the type: wrap the object instead
         def __init__(self, inner):
@@ -420,7 +420,7 @@ def count_sync_warnings(tr, inputs, seed: int) -> int | None:
     """Synchronising CUDA calls during one sampling run with its gradient steps (``set_sync_debug_mode``)."""
     import warnings
 
-    from comat_core.trainer import step_generators
+    from comat_core.method.trainer import step_generators
 
     if tr.device.type != "cuda":
         return None
@@ -446,7 +446,7 @@ LOSS_KEYS = ("loss", "concept_loss", "token_loss", "pixel_loss", "gan_g_loss", "
 
 
 def run_variant(args, paths, variant: str) -> dict:
-    from comat_core.trainer import build_training, train_step
+    from comat_core.method.trainer import build_training, train_step
 
     overrides, batch = variant_overrides(variant, args.batch)
     cfg = production_config(args, paths, overrides, batch)
@@ -570,7 +570,7 @@ def vae_memory_estimate(batch: int, resolution: int) -> dict:
     """
     from diffusers import AutoencoderKL
 
-    from comat_core.backbones import checkpoint_decoder_layers
+    from comat_core.models.backbones import checkpoint_decoder_layers
 
     def saved_bytes(fn, per_module: dict | None = None) -> int:
         total, stack = 0, []

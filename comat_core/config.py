@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from comat_core.errors import ConfigError
 
 PRESETS = ("tiny", "tiny-sdxl", "sd15", "sdxl")
 STAGE_NAMES = ("prompts", "sdxl_prefinetune", "gan_gt", "masks", "train", "evaluate")
@@ -194,14 +194,14 @@ class TrainConfig(_Section):
         "A black truck has a red dog in the drivers chair.", "a green bench and a blue bowl"])
     log_every: int = Field(10, ge=1)
     trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
-    # Data parallel under `accelerate launch` (comat_core/train_launch.py); 1 process trains in-process.
+    # Data parallel under `accelerate launch` (comat_core/stages/train/launch.py); 1 process trains in-process.
     num_processes: int = Field(1, ge=1, description="processes in all (GPUs over all machines); global batch = "
                                                     "batch_size x num_processes x gradient_accumulation_steps")
     num_machines: int = Field(1, ge=1, description="machines; each runs num_processes / num_machines processes")
     machine_rank: int = Field(0, ge=0, description="this machine's rank; machine 0 runs the train stage, the others join")
     main_process_ip: str | None = Field(None, description="address of machine 0 (rendezvous), when num_machines > 1")
     main_process_port: int = Field(29500, ge=1, le=65535, description="rendezvous port on machine 0 (num_machines > 1)")
-    # Performance switches (issue 8); the defaults are the safe, plain paths. See comat_core/nograd.py and
+    # Performance switches (issue 8); the defaults are the safe, plain paths. See comat_core/method/nograd.py and
     # benchmarks/RESULTS.md for what each is expected to buy.
     merge_lora_for_nograd: bool = Field(
         False, description="no-grad sampling calls use a copy of the UNet with the LoRA merged into its weights "

@@ -7,8 +7,8 @@ does not exist, an unknown stage name.
 
 from __future__ import annotations
 
-from .config import ComatConfig, load_config
-from .errors import ConfigError, InputError
+from comat_core.config import ComatConfig, load_config
+from comat_core.errors import ConfigError, InputError
 
 
 def build_config(request: dict | ComatConfig | None) -> ComatConfig:
@@ -40,7 +40,7 @@ def check_stage_names(cfg: ComatConfig, names: list[str] | None, what: str) -> N
 
 def check_models(cfg: ComatConfig) -> None:
     """Local model paths must exist (hub ids and tiny:// names are resolved when loaded)."""
-    from .models.loader import is_local
+    from comat_core.models.loader import is_local
 
     import os
 
@@ -51,8 +51,8 @@ def check_models(cfg: ComatConfig) -> None:
 
 
 def preflight(cfg: ComatConfig, stages: list[str] | None = None, force: list[str] | None = None) -> None:
-    from .prompts import collect_prompts
-    from .storage import ArtifactStore
+    from comat_core.stages.prompts import collect_prompts
+    from comat_core.store.storage import ArtifactStore
 
     check_stage_names(cfg, stages, "--stages")
     check_stage_names(cfg, force, "--force")

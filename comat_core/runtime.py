@@ -13,8 +13,8 @@ from typing import Literal
 
 import torch
 
-from .config import ComatConfig
-from .errors import ConfigError
+from comat_core.config import ComatConfig
+from comat_core.errors import ConfigError
 
 Precision = Literal["no", "fp16", "bf16"]
 DTYPES: dict[str, torch.dtype] = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -36,8 +36,8 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from comat_core.pipeline import StageResult
-from comat_core.storage import ArtifactStore, StageReader
+from comat_core.stages.registry import StageResult
+from comat_core.store.storage import ArtifactStore, StageReader
 
 log = logging.getLogger("comat.artifacts")
 

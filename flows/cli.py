@@ -138,8 +138,8 @@ def _dispatch(args) -> int:
 
 
 def _status(cfg) -> int:
-    from comat_core.pipeline import status
-    from comat_core.storage import ArtifactStore
+    from comat_core.stages.registry import status
+    from comat_core.store.storage import ArtifactStore
 
     store = ArtifactStore(cfg.storage.root, cfg.storage.options)
     store.check_reachable()

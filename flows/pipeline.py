@@ -24,7 +24,7 @@ and credentials from the standard AWS variables, ``AWS_ENDPOINT_URL``, or ``stor
 ``parallelism`` (``dispatch="deployments"`` only): the sharded stages (``sdxl_prefinetune`` and
 ``evaluate`` generation, ``gan_gt``, ``masks``) fan out. The parent submits ``parallelism`` flow runs
 of the stage's deployment with ``part=[k, parallelism]``, each computing one contiguous slice of the
-stage's shards without committing the stage (``comat_core/shards.py``), so every free worker of the
+stage's shards without committing the stage (``comat_core/store/shards.py``), so every free worker of the
 GPU pool takes one. It waits for all of them, puts a failed or crashed part back in the queue (the
 same flow run, up to ``SHARD_RUN_RETRIES`` times; its completed shards are not redone), and then
 runs the stage's deployment once more without ``part``: that run verifies every shard (sha256),
@@ -45,7 +45,7 @@ from prefect import flow
 
 from comat_core.config import ComatConfig
 from comat_core.errors import ConfigError, StorageError
-from comat_core.pipeline import STAGES, compute_key
+from comat_core.stages.registry import STAGES, compute_key
 from comat_core.preflight import build_config, preflight
 from flows._naming import parent_run_name
 from tasks.stage import config_payload, open_store, run_stage_task

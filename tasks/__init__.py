@@ -1,5 +1,5 @@
-"""Thin Prefect tasks around ``comat_core.pipeline.run_stage`` (one per stage; see ``tasks.stage``)."""
+"""Thin Prefect tasks around ``comat_core.stages.registry.run_stage`` (one per stage; see ``tasks.stage``)."""
 
-from .stage import STAGE_TASKS, config_payload, run_stage_task, stage_task
+from tasks.stage import STAGE_TASKS, config_payload, run_stage_task, stage_task
 
 __all__ = ["STAGE_TASKS", "config_payload", "run_stage_task", "stage_task"]

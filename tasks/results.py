@@ -28,7 +28,7 @@ import logging
 import os
 
 from comat_core.config import ComatConfig
-from comat_core.storage import ArtifactStore
+from comat_core.store.storage import ArtifactStore
 
 log = logging.getLogger("comat.results")
 

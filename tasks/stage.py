@@ -5,7 +5,7 @@ Caching
 The artifact store's manifest *is* the cache, and Prefect's own result cache is off
 (``cache_policy=NO_CACHE``). Reasons:
 
-* ``comat_core.pipeline.run_stage`` already returns the existing output when the stage's
+* ``comat_core.stages.registry.run_stage`` already returns the existing output when the stage's
   ``_manifest.json`` exists under its stage key, and the stage key hashes the stage's config
   section, its models, its code version and the digests of its inputs' manifests. That is exactly
   "cache keyed on the stage key, honoured only when the manifest exists": a wiped bucket or a deleted
@@ -18,7 +18,7 @@ Results are still *persisted* when the store is local or S3: ``run_stage_task`` 
 JSON to ``<storage root>/_prefect-results/`` through a block without credentials (``tasks/results.py``).
 
 Fan-out parts: ``part=[k, n]`` computes only the k-th of n slices of a sharded stage's shards and
-does not commit the stage (see ``comat_core/shards.py``); its run is named ``<stage>-<key> part k+1/n``.
+does not commit the stage (see ``comat_core/store/shards.py``); its run is named ``<stage>-<key> part k+1/n``.
 
 A hit still shows in the UI: the task returns a ``Completed`` state named ``Cached``, and its run
 is named ``<stage>-<key>``. ``force`` wipes the stage's folder first (``run_stage(force=True)``);
@@ -51,10 +51,10 @@ from prefect.tasks import exponential_backoff
 
 from comat_core.config import ComatConfig
 from comat_core.errors import InputError, IntegrityError, StorageError
-from comat_core.pipeline import STAGES, compute_key, run_stage, stage_inputs
+from comat_core.stages.registry import STAGES, compute_key, run_stage, stage_inputs
 from comat_core.preflight import build_config
-from comat_core.shards import ShardPart
-from comat_core.storage import ArtifactStore
+from comat_core.store.shards import ShardPart
+from comat_core.store.storage import ArtifactStore
 from tasks.results import persisting
 
 
@@ -161,7 +161,7 @@ def test_hooks(stage: str) -> dict:
     retry_condition_fn=retry_on_transient,
 )
 def stage_task(stage: str, config: dict, force: bool = False, part: list[int] | None = None) -> State:
-    """Run one stage through ``comat_core.pipeline.run_stage``; the state's data is the stage URL.
+    """Run one stage through ``comat_core.stages.registry.run_stage``; the state's data is the stage URL.
 
     ``part=[k, n]``: only the k-th of n slices of a sharded stage's shards, stage not committed."""
     from flows.artifacts import ProgressReporter, publish_stage

@@ -2,7 +2,7 @@
 
 import torch
 
-from comat_core.lora import lora_named_parameters
+from comat_core.models.lora import lora_named_parameters
 
 
 def perturb_lora(unet, seed=0):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from comat_core.attention import AttentionCapture, CapturingAttnProcessor
+from comat_core.method.attention import AttentionCapture, CapturingAttnProcessor
 from comat_core.errors import ConfigError
 from comat_core.models.loader import load_sd_pipeline
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from comat_core.config import load_config
-from comat_core.pipeline import compute_key
-from comat_core.storage import ArtifactStore
+from comat_core.stages.registry import compute_key
+from comat_core.store.storage import ArtifactStore
 from services import services, stop_pid  # noqa: F401 - the session fixture
 from test_orchestration import FAST, RUNNABLE
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from comat_core.entities import (Entity, align_spans_to_tokens, entities_from_doc, entities_from_records,
+from comat_core.stages.entities import (Entity, align_spans_to_tokens, entities_from_doc, entities_from_records,
                                  entities_to_records, extract_entities, resolve_parser)
 from comat_core.errors import ConfigError, InputError
 
@@ -272,7 +272,7 @@ def test_spacy_mapping_predicate_and_made_of():
 
 
 def test_spacy_parser_without_a_model_is_a_config_error():
-    from comat_core import entities
+    from comat_core.stages import entities
 
     if entities._spacy_model_name() is not None:
         pytest.skip("a spaCy model is installed")

@@ -10,14 +10,14 @@ import torch
 from PIL import Image
 
 from comat_core.config import load_config
-from comat_core.evaluate import metrics as metrics_module
-from comat_core.evaluate.clip_score import clip_similarity, cosine_similarity, without_attributes
-from comat_core.evaluate.complex import Complex, ComplexRouting, combine, routing_key
-from comat_core.evaluate.coverage import caption_nll, to_unit_tensor
-from comat_core.evaluate.metrics import EvalSample, Metric, MetricEnv, ScoringModels, headline_metric, metrics_for
-from comat_core.evaluate.prompt_sets import load_eval_prompts
-from comat_core.evaluate.report import bootstrap_ci, paired_deltas, parse_table, summarise
-from comat_core.evaluate.spatial import (
+from comat_core.stages.evaluate import metrics as metrics_module
+from comat_core.stages.evaluate.clip_score import clip_similarity, cosine_similarity, without_attributes
+from comat_core.stages.evaluate.complex import Complex, ComplexRouting, combine, routing_key
+from comat_core.stages.evaluate.coverage import caption_nll, to_unit_tensor
+from comat_core.stages.evaluate.metrics import EvalSample, Metric, MetricEnv, ScoringModels, headline_metric, metrics_for
+from comat_core.stages.evaluate.prompt_sets import load_eval_prompts
+from comat_core.stages.evaluate.report import bootstrap_ci, paired_deltas, parse_table, summarise
+from comat_core.stages.evaluate.spatial import (
     NEAR_DISTANCE,
     Box,
     Detection,
@@ -29,11 +29,11 @@ from comat_core.evaluate.spatial import (
     relation_score,
     simple_objects,
 )
-from comat_core.evaluate.vqa import first_answer_logits, questions_for, vqa_scores, yes_no_ids, yes_probability
-from comat_core.losses.concept import ConceptActivationLoss
+from comat_core.stages.evaluate.vqa import first_answer_logits, questions_for, vqa_scores, yes_no_ids, yes_probability
+from comat_core.method.losses.concept import ConceptActivationLoss
 from comat_core.models.loader import load_captioner, load_clip, load_grounding_dino, load_vqa
-from comat_core.pipeline import compute_key, run_stage
-from comat_core.storage import ArtifactStore
+from comat_core.stages.registry import compute_key, run_stage
+from comat_core.store.storage import ArtifactStore
 
 
 def random_images(n, size=64, seed=0):
@@ -444,9 +444,9 @@ def test_tuned_sdxl_is_the_prefinetuned_unet_plus_the_lora(tmp_path):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from comat_core.evaluate.stage import load_model
+    from comat_core.stages.evaluate.stage import load_model
     from comat_core.models.loader import resolve_model
-    from comat_core.pipeline import StageContext
+    from comat_core.stages.registry import StageContext
 
     cfg = load_config("tiny-sdxl", overrides=[f"storage.root={tmp_path}"])
     store = ArtifactStore(str(tmp_path))

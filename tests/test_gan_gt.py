@@ -14,10 +14,10 @@ from safetensors.torch import load
 
 from comat_core.config import load_config
 from comat_core.errors import IntegrityError
-from comat_core.gan_gt import GanGtReader, latents_file, prompt_seed, shard_name
-from comat_core.pipeline import compute_key, run_stage
-from comat_core.prompts import read_prompts
-from comat_core.storage import ArtifactStore
+from comat_core.stages.gan_gt import GanGtReader, latents_file, prompt_seed, shard_name
+from comat_core.stages.registry import compute_key, run_stage
+from comat_core.stages.prompts import read_prompts
+from comat_core.store.storage import ArtifactStore
 
 N_PROMPTS, SHARD = 6, 2
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comat_core.losses import (
+from comat_core.method.losses import (
     ConceptActivationLoss,
     EntityTarget,
     attribute_concentration_loss,
@@ -18,7 +18,7 @@ from comat_core.losses import (
     smoothed_cross_entropy,
     token_loss,
 )
-from comat_core.losses.concept import CLIP_MEAN, CLIP_STD
+from comat_core.method.losses.concept import CLIP_MEAN, CLIP_STD
 from comat_core.models.loader import load_captioner
 
 # ------------------------------------------------------------------------------------------------

@@ -14,13 +14,13 @@ import torch
 
 from comat_core.config import load_config
 from comat_core.errors import InputError, IntegrityError
-from comat_core.masks.backends import GroundingDinoDetector, caption_for
-from comat_core.masks.encoding import decode_mask, encode_mask
-from comat_core.masks.reader import MaskReader, resize_mask
-from comat_core.masks.stage import kept_entities, masks_file, shard_name
-from comat_core.pipeline import compute_key, run_stage
-from comat_core.prompts import read_prompts
-from comat_core.storage import ArtifactStore
+from comat_core.stages.masks.backends import GroundingDinoDetector, caption_for
+from comat_core.stages.masks.encoding import decode_mask, encode_mask
+from comat_core.stages.masks.reader import MaskReader, resize_mask
+from comat_core.stages.masks.stage import kept_entities, masks_file, shard_name
+from comat_core.stages.registry import compute_key, run_stage
+from comat_core.stages.prompts import read_prompts
+from comat_core.store.storage import ArtifactStore
 
 PROMPTS = [
     "a red cube and a blue sphere",     # cube, sphere
@@ -161,8 +161,8 @@ def test_boxes_go_to_the_noun_of_their_best_token(detector):
 
 
 def test_hf_backend_contract_on_tiny_models(detector):
-    from comat_core.masks.backends import GroundedSam
-    from comat_core.masks.hf import load_hf_segmenter
+    from comat_core.stages.masks.backends import GroundedSam
+    from comat_core.stages.masks.hf import load_hf_segmenter
 
     detector.box_threshold = detector.text_threshold = 0.05
     backend = GroundedSam(detector, load_hf_segmenter("tiny://sam", torch.device("cpu"), torch.float32))
@@ -245,7 +245,7 @@ def test_crash_and_corruption_regenerate_only_the_affected_shards(store):
 
 
 def test_missing_gan_gt_latent_is_an_input_error(store):
-    from comat_core.gan_gt import GanGtReader
+    from comat_core.stages.gan_gt import GanGtReader
 
     cfg = config(store)
     gt = GanGtReader(store.reader("gan_gt", compute_key(cfg, store, "gan_gt")))
@@ -255,7 +255,7 @@ def test_missing_gan_gt_latent_is_an_input_error(store):
 
 def test_gsam_backend_end_to_end(store, tmp_path):
     pytest.importorskip("segment_anything")
-    from comat_core.masks.gsam import build_sam, build_tiny_sam
+    from comat_core.stages.masks.gsam import build_sam, build_tiny_sam
 
     cfg = config(store, "masks.backend=gsam")
     assert cfg.models.sam_model_type == "tiny" and cfg.models.sam_checkpoint is None

@@ -18,8 +18,8 @@ import pytest
 from services import services  # noqa: F401 - the session fixture
 from comat_core.config import load_config
 from comat_core.errors import ConfigError, InputError, IntegrityError, StorageError
-from comat_core.pipeline import compute_key, downstream
-from comat_core.storage import ArtifactStore
+from comat_core.stages.registry import compute_key, downstream
+from comat_core.store.storage import ArtifactStore
 
 # The smallest tiny run: 4 prompts, 2 per shard, two training steps, one evaluation prompt.
 FAST = [

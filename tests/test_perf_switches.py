@@ -14,14 +14,14 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from comat_core.backbones import Backbone
+from comat_core.models.backbones import Backbone
 from comat_core.config import load_config
 from comat_core.errors import ConfigError
-from comat_core.lora import add_lora, lora_named_parameters
-from comat_core.losses.attribute import EntityTarget
-from comat_core.nograd import NoGradUNet
-from comat_core.sampler import DifferentiableSampler, SamplingPlan
-from comat_core.trainer import StepInputs, build_training, generator_losses, step_generators, train_step
+from comat_core.models.lora import add_lora, lora_named_parameters
+from comat_core.method.losses.attribute import EntityTarget
+from comat_core.method.nograd import NoGradUNet
+from comat_core.method.sampler import DifferentiableSampler, SamplingPlan
+from comat_core.method.trainer import StepInputs, build_training, generator_losses, step_generators, train_step
 from lora_helpers import perturb_lora
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -216,7 +216,7 @@ def test_sampling_loop_has_no_host_syncs(sd15, merged):
 
 
 def test_attention_steps_must_be_gradient_steps(sd15):
-    from comat_core.attention import AttentionCapture
+    from comat_core.method.attention import AttentionCapture
 
     capture = AttentionCapture(sd15.unet, ["mid_block"])
     try:

@@ -8,9 +8,9 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from comat_core.config import load_config
 from comat_core.errors import ConfigError
 from comat_core.models.loader import resolve_model
-from comat_core.pipeline import compute_key, run_stage
-from comat_core.prefinetune import batch_order, denoising_target, prompt_seed, resize
-from comat_core.storage import ArtifactStore
+from comat_core.stages.registry import compute_key, run_stage
+from comat_core.stages.prefinetune import batch_order, denoising_target, prompt_seed, resize
+from comat_core.store.storage import ArtifactStore
 
 
 def sdxl_setup(root):

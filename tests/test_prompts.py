@@ -9,9 +9,9 @@ import pytest
 
 from comat_core.config import load_config
 from comat_core.errors import InputError
-from comat_core.pipeline import run_stage
-from comat_core.prompts import collect_prompts, prompt_id, read_prompts
-from comat_core.storage import ArtifactStore
+from comat_core.stages.registry import run_stage
+from comat_core.stages.prompts import collect_prompts, prompt_id, read_prompts
+from comat_core.store.storage import ArtifactStore
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from comat_core.attention import AttentionCapture
-from comat_core.backbones import Backbone, Conditioning
-from comat_core.lora import add_lora, lora_named_parameters
-from comat_core.sampler import (
+from comat_core.method.attention import AttentionCapture
+from comat_core.models.backbones import Backbone, Conditioning
+from comat_core.models.lora import add_lora, lora_named_parameters
+from comat_core.method.sampler import (
     DdpmSchedule,
     DifferentiableSampler,
     SamplingPlan,

@@ -27,12 +27,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from comat_core.checkpoint import committed_checkpoints
+from comat_core.store.checkpoint import committed_checkpoints
 from comat_core.config import load_config
 from comat_core.errors import ConfigError
-from comat_core.pipeline import compute_key, run_stage
-from comat_core.shards import ShardPart
-from comat_core.storage import ArtifactStore
+from comat_core.stages.registry import compute_key, run_stage
+from comat_core.store.shards import ShardPart
+from comat_core.store.storage import ArtifactStore
 from services import services, stop_pid  # noqa: F401 - the session fixture
 
 PREFECT = [sys.executable, "-m", "prefect"]
@@ -262,7 +262,7 @@ def test_two_process_training_checkpoints_resumes_with_one_and_matches(inputs_ro
 
 
 def test_launch_command_for_several_machines():
-    from comat_core.train_launch import check_layout, launch_command
+    from comat_core.stages.train.launch import check_layout, launch_command
 
     cfg = config("/tmp/x", "train.num_processes=8", "train.num_machines=2", "train.machine_rank=1",
                  "train.main_process_ip=10.0.0.1", "train.main_process_port=29555")
@@ -270,7 +270,7 @@ def test_launch_command_for_several_machines():
     joined = " ".join(cmd)
     assert "accelerate.commands.launch --multi_gpu --num_processes 8 --num_machines 2" in joined
     assert "--machine_rank 1 --main_process_ip 10.0.0.1 --main_process_port 29555" in joined
-    assert cmd[-4:] == ["-m", "comat_core.train_launch", "--request", "/tmp/request.json"]
+    assert cmd[-4:] == ["-m", "comat_core.stages.train.launch", "--request", "/tmp/request.json"]
     assert "--main_process_port 0" in " ".join(launch_command(config("/tmp/x", "train.num_processes=2"), Path("r")))
     for bad, match in ((["train.num_processes=3", "train.num_machines=2", "train.main_process_ip=h"], "multiple"),
                        (["train.num_processes=2", "train.num_machines=2"], "main_process_ip"),

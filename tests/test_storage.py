@@ -9,8 +9,8 @@ import torch
 
 from comat_core.config import load_config
 from comat_core.errors import IntegrityError, StorageError
-from comat_core.pipeline import stage_config
-from comat_core.storage import MANIFEST, ArtifactStore, stage_key
+from comat_core.stages.registry import stage_config
+from comat_core.store.storage import MANIFEST, ArtifactStore, stage_key
 
 
 def mem_store():

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from comat_core.checkpoint import (
+from comat_core.store.checkpoint import (
     committed_checkpoints,
     flatten_state,
     load_latest_checkpoint,
@@ -23,11 +23,11 @@ from comat_core.checkpoint import (
 )
 from comat_core.config import load_config
 from comat_core.errors import ConfigError
-from comat_core.lora import add_lora, export_lora, lora_named_parameters
-from comat_core.masks.reader import EntityMask
+from comat_core.models.lora import add_lora, export_lora, lora_named_parameters
+from comat_core.stages.masks.reader import EntityMask
 from comat_core.models.loader import load_sd_pipeline
-from comat_core.storage import ArtifactStore
-from comat_core.trainer import (
+from comat_core.store.storage import ArtifactStore
+from comat_core.method.trainer import (
     PromptOrder,
     TrainingData,
     TrainingSources,
@@ -315,9 +315,9 @@ torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 from test_trainer import FAST, _sources
-import comat_core.trainer as T
+import comat_core.method.trainer as T
 from comat_core.config import load_config
-from comat_core.storage import ArtifactStore
+from comat_core.store.storage import ArtifactStore
 
 built = {{}}
 def build(*args, **kwargs):

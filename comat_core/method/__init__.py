@@ -1,0 +1,1 @@
+"""CoMat itself: the differentiable sampler, attention capture, the three losses, the discriminator, the trainer."""

@@ -1,0 +1,258 @@
+"""One small interface over the Stable Diffusion families CoMat fine-tunes (SD v1.x and SDXL).
+
+The sampler, the losses and the trainer talk to a :class:`Backbone` only, so none of them branches
+on the model family. A backbone wraps a frozen diffusers pipeline and offers:
+
+* ``encode_prompts(prompts)`` -> :class:`Conditioning` (SD v1: the CLIP text embeddings; SDXL: the
+  two encoders' concatenated embeddings, the pooled embedding of the second encoder and the six
+  micro-conditioning ``add_time_ids`` = (res, res) original size, crop (0, 0), (res, res) target size),
+* ``null_conditioning(batch)``: the empty prompt encoded the same way (METHOD.md §2.1: "the empty
+  negative prompt", as the reference does for both families; SDXL's inference-time
+  ``force_zeros_for_empty_prompt`` is *not* applied, as in the reference training code),
+* ``unet_call(latents, t, cond)`` -> noise prediction (classifier-free guidance belongs to the
+  sampler, which passes the ``[uncond, cond]`` batch),
+* ``decode(latents)`` -> images in [0, 1] with autograd (``decode_to_unit_range=False`` reproduces
+  the reference SDXL path, which handed the VAE's [-1, 1] output to the losses),
+* ``scheduler``: a ``DDPMScheduler`` built from the model's own scheduler config,
+* ``latent_shape(res)`` and ``vae_scale``.
+
+Performance (issue 8; the reference measurements are in ``../shared/bench/REFERENCE_RESULTS.md``):
+
+* timesteps reach the UNet as 0-d tensors cached on the device, one per timestep value. Given a
+  Python int, diffusers builds ``torch.tensor([t], device=...)`` on every call, a blocking
+  host-to-device copy (a stream synchronisation) in each of the 50 sampling calls;
+* ``nograd_unet`` (None by default): the module used for UNet calls made under ``torch.no_grad``
+  (``comat_core.method.nograd.NoGradUNet``: LoRA merged, optionally compiled). Calls with autograd always
+  use ``unet``;
+* ``enable_decode_checkpointing()``: gradient checkpointing of the VAE decoder, layer by layer
+  (see :func:`checkpoint_decoder_layers`); its non-checkpointed backward sets the step's memory
+  peak (24.4 GiB of 38.6 at SD1.5 batch 4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from comat_core.errors import ConfigError
+
+Family = Literal["sd15", "sdxl"]
+
+
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on, for a batch of prompts.
+
+    ``pooled`` and ``time_ids`` are None for SD v1 models and set for SDXL.
+    """
+
+    prompt_embeds: torch.Tensor  # [B, L, D]
+    pooled: torch.Tensor | None = None  # [B, P]
+    time_ids: torch.Tensor | None = None  # [B, 6]
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def _map(self, fn) -> "Conditioning":
+        return Conditioning(
+            fn(self.prompt_embeds),
+            None if self.pooled is None else fn(self.pooled),
+            None if self.time_ids is None else fn(self.time_ids),
+        )
+
+    def expand(self, batch: int) -> "Conditioning":
+        """A batch-1 conditioning repeated to ``batch`` rows (a view, no copy)."""
+        if len(self) != 1:
+            raise ValueError(f"expand needs a batch-1 conditioning, got {len(self)} rows")
+        return self._map(lambda x: x.expand(batch, *x.shape[1:]))
+
+    def select(self, index) -> "Conditioning":
+        return self._map(lambda x: x[index])
+
+    def to(self, *args, **kwargs) -> "Conditioning":
+        return self._map(lambda x: x.to(*args, **kwargs))
+
+    @staticmethod
+    def cat(parts: list["Conditioning"]) -> "Conditioning":
+        """Rows of several conditionings, in order (the CFG batch is ``cat([uncond, cond])``)."""
+        first = parts[0]
+        return Conditioning(
+            torch.cat([p.prompt_embeds for p in parts]),
+            None if first.pooled is None else torch.cat([p.pooled for p in parts]),
+            None if first.time_ids is None else torch.cat([p.time_ids for p in parts]),
+        )
+
+
+class Backbone:
+    """A frozen SD v1 or SDXL pipeline behind one interface (see the module docstring).
+
+    ``dtype`` is the dtype of the frozen weights (the UNet input is cast to it); outputs are fp32.
+    The UNet attribute may be replaced (e.g. after LoRA injection it is the same module object).
+    """
+
+    def __init__(self, pipe, family: Family, resolution: int, decode_to_unit_range: bool = True):
+        from diffusers import DDPMScheduler
+
+        if family not in ("sd15", "sdxl"):
+            raise ConfigError(f"unknown model family {family!r}: use sd15 or sdxl")
+        self.pipe = pipe
+        self.family = family
+        self.resolution = resolution
+        self.decode_to_unit_range = decode_to_unit_range
+        self.unet = pipe.unet
+        self.vae = pipe.vae
+        self.tokenizer = pipe.tokenizer
+        self.dtype = pipe.unet.dtype
+        self.device = pipe.unet.device
+        self.vae_scale = int(pipe.vae_scale_factor)
+        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        if resolution % self.vae_scale:
+            raise ConfigError(f"train.resolution {resolution} must be a multiple of the VAE factor {self.vae_scale}")
+        self._null: Conditioning | None = None
+        self._timesteps: dict[int, torch.Tensor] = {}
+        self.nograd_unet = None  # a NoGradUNet, set by the trainer when a performance switch asks for it
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def load(
+        cls,
+        pretrained: str,
+        family: Family,
+        resolution: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        vae: str | None = None,
+        unet_override: str | None = None,
+        decode_to_unit_range: bool = True,
+    ) -> "Backbone":
+        """Load the frozen pipeline by name (Hub id, local path or tiny://), optionally with a VAE/UNet override."""
+        from comat_core.models.loader import load_sd_pipeline
+
+        pipe = load_sd_pipeline(pretrained, family, dtype=dtype, device=device, unet_override=unet_override,
+                                field="models.pretrained", vae=vae)
+        return cls(pipe, family, resolution, decode_to_unit_range)
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [m for m in (getattr(self.pipe, "text_encoder", None), getattr(self.pipe, "text_encoder_2", None))
+                if m is not None]
+
+    @property
+    def pipeline_class(self) -> type:
+        """The diffusers pipeline class (its ``save_lora_weights`` writes the loadable LoRA format)."""
+        return type(self.pipe)
+
+    # ------------------------------------------------------------------ conditioning
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Frozen text encoders on a batch of prompts (no gradients)."""
+        prompts = list(prompts)
+        if self.family == "sd15":
+            embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, do_classifier_free_guidance=False)
+            return Conditioning(embeds.to(self.dtype))
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+        time_ids = self.add_time_ids().expand(len(prompts), -1)
+        return Conditioning(embeds.to(self.dtype), pooled.to(self.dtype), time_ids)
+
+    def null_conditioning(self, batch: int) -> Conditioning:
+        """The empty prompt, encoded once and expanded to ``batch`` rows."""
+        if self._null is None:
+            self._null = self.encode_prompts([""])
+        return self._null.expand(batch)
+
+    def add_time_ids(self) -> torch.Tensor:
+        """SDXL micro-conditioning: original size (res, res), crop (0, 0), target size (res, res)."""
+        r = self.resolution
+        ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=self.dtype, device=self.device)
+        expected = self.unet.add_embedding.linear_1.in_features
+        pooled_dim = self.pipe.text_encoder_2.config.projection_dim
+        passed = self.unet.config.addition_time_embed_dim * ids.shape[1] + pooled_dim
+        if expected != passed:
+            raise ConfigError(f"the SDXL UNet expects {expected} added-embedding features, the encoders give {passed}")
+        return ids
+
+    # ------------------------------------------------------------------ model calls
+    def timestep(self, t: int | torch.Tensor) -> torch.Tensor:
+        """``t`` as a 0-d int64 tensor on the device, created once per value (no copy per call)."""
+        if isinstance(t, torch.Tensor):
+            return t
+        cached = self._timesteps.get(int(t))
+        if cached is None:
+            cached = self._timesteps[int(t)] = torch.tensor(int(t), dtype=torch.int64, device=self.device)
+        return cached
+
+    def unet_call(self, latents: torch.Tensor, t: int | torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The noise prediction for ``latents`` at timestep ``t`` (rows of ``latents`` match ``cond``).
+
+        Under ``torch.no_grad`` the call goes to ``nograd_unet`` when one is set.
+        """
+        added = None
+        if cond.pooled is not None:
+            added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+        unet = self.unet
+        if self.nograd_unet is not None and not torch.is_grad_enabled():
+            unet = self.nograd_unet
+        out = unet(latents.to(self.dtype), self.timestep(t), encoder_hidden_states=cond.prompt_embeds,
+                   added_cond_kwargs=added, return_dict=False)[0]
+        return out.float()
+
+    def enable_decode_checkpointing(self) -> int:
+        """Checkpoint the VAE decoder layer by layer (:func:`checkpoint_decoder_layers`); returns the layer count."""
+        return checkpoint_decoder_layers(self.vae)
+
+    def decode(self, latents: torch.Tensor, unit_range: bool | None = None) -> torch.Tensor:
+        """VAE decode with autograd: [0, 1] images (or the raw [-1, 1] with ``decode_to_unit_range=False``).
+
+        ``unit_range`` overrides the backbone's flag (validation images always want [0, 1]).
+        """
+        config = self.vae.config
+        z = latents / config.scaling_factor
+        shift = getattr(config, "shift_factor", None)
+        if shift is not None:
+            z = z + shift
+        vae_dtype = next(self.vae.parameters()).dtype
+        image = self.vae.decode(z.to(vae_dtype), return_dict=False)[0].float()
+        unit = self.decode_to_unit_range if unit_range is None else unit_range
+        return image / 2 + 0.5 if unit else image
+
+    def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
+        res = resolution or self.resolution
+        return (int(self.unet.config.in_channels), res // self.vae_scale, res // self.vae_scale)
+
+
+def checkpoint_decoder_layers(vae) -> int:
+    """Gradient-checkpoint every resnet, attention and upsampler of ``vae.decoder`` (non-reentrant).
+
+    Only the layers' inputs are kept for backward, and each layer's activations are recomputed
+    there, one layer at a time. diffusers' own ``enable_gradient_checkpointing`` works per block; at
+    512 px its last up block alone re-creates 5.75 GiB (bf16, batch 4) in backward, the largest
+    single layer 2.75 GiB (``benchmarks/train_step.py --memory-estimate``). The recomputation is the
+    same forward either way (about one extra decoder forward). The layers' ``forward`` is wrapped
+    on the instance, so the module tree and the state dict are unchanged; the VAE is frozen, only
+    the latents get gradients. Without autograd (validation, ``torch.no_grad``) the plain forward runs.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    decoder = vae.decoder
+    layers = []
+    for block in [decoder.mid_block, *decoder.up_blocks]:
+        for group in ("resnets", "attentions", "upsamplers"):
+            layers += [m for m in (getattr(block, group, None) or []) if m is not None]
+    for layer in layers:
+        if getattr(layer, "_comat_checkpointed", False):
+            continue
+        forward = layer.forward
+
+        def checkpointed(*args, _forward=forward, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return _forward(*args, **kwargs)
+
+        layer.forward = checkpointed
+        layer._comat_checkpointed = True
+    return len(layers)
+

@@ -1,0 +1,309 @@
+"""The ``gan_gt`` stage: one ground-truth latent per training prompt from the frozen base model (METHOD.md §5).
+
+The discriminator learns what the *original* model draws for the training prompts, so for every
+prompt of the ``prompts`` artifact (all of them; the reference silently stopped at 10,000) the frozen
+base model (or, for SDXL, the 512-px pre-finetuned UNet) samples one latent: DDPM built from the
+model's own scheduler config, ``num_inference_steps`` steps, classifier-free guidance
+``guidance_scale``, ``resolution`` px, ``output_type="latent"``. Latents are stored in the *scaled*
+latent space, exactly what the UNet (and so the trainer's discriminator) sees.
+
+Reproducibility: each prompt's seed is a hash of (``gan_gt.seed``, prompt id), so it does not depend
+on prompt order or batch. Each sample gets its own CPU ``torch.Generator`` passed to the pipeline as
+a list: diffusers draws the initial noise *and* every DDPM variance noise of sample i from
+generator i (``randn_tensor`` with a list of generators), on the CPU, then moves it to the device.
+A shard therefore regenerates bit-identically on the same hardware and software.
+
+Layout (shards of ``shard_size`` prompts, each committed with its own manifest, so a crash costs
+one shard and a rerun generates only the missing or corrupted ones):
+
+* ``latents-NNNNN.safetensors``: tensor ``latents`` ``[N, 4, h, w]`` float32. fp32 because it is
+  lossless whatever precision generated it (fp32, bf16 or fp16 all embed exactly in fp32), so the
+  stored latent *is* the model's output; it costs 64 KiB per 512-px latent (1.3 GB for the 19.9 k
+  CoMat prompts), small beside the models, and the trainer casts it to its own dtype.
+* ``index-NNNNN.parquet``: ``prompt_id``, ``seed``, ``row`` (the row in that shard's tensor).
+* ``preview.png``: a grid of the first ``preview_images`` decoded latents, for the UI.
+
+``GanGtReader`` gives the trainer and the ``masks`` stage latents by prompt id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections import OrderedDict
+
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from comat_core.errors import InputError, IntegrityError
+from comat_core.stages.prompts import read_prompts
+from comat_core.store.shards import check_fail_hook, part_summary, shards_to_do
+
+log = logging.getLogger("comat.gan_gt")
+
+INDEX_SCHEMA = pa.schema([("prompt_id", pa.string()), ("seed", pa.int64()), ("row", pa.int32())])
+PREVIEW = "preview.png"
+
+
+def shard_name(n: int) -> str:
+    return f"shard-{n:05d}"
+
+
+def latents_file(n: int) -> str:
+    return f"latents-{n:05d}.safetensors"
+
+
+def index_file(n: int) -> str:
+    return f"index-{n:05d}.parquet"
+
+
+def prompt_seed(global_seed: int, prompt_id: str) -> int:
+    """The seed of one prompt's sample: a hash of the stage seed and the prompt id (order-independent)."""
+    digest = hashlib.sha256(f"gan_gt:{global_seed}:{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+def config_vae(cfg, dtype: torch.dtype, device: torch.device):
+    """The VAE that decodes this config's latents: ``models.vae`` when set, else the base model's ``vae/``."""
+    from comat_core.models.loader import load_vae
+
+    if cfg.models.vae:
+        return load_vae(cfg.models.vae, dtype, device, field="models.vae")
+    return load_vae(cfg.models.pretrained, dtype, device, field="models.pretrained", pipeline=True)
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents ``[B, 4, h, w]`` → images ``[B, 3, H, W]`` float32 in [0, 1], on the VAE's device.
+
+    Undoes the scaling the pipelines apply (``latents_mean``/``latents_std`` when the VAE config has
+    them, else ``scaling_factor``) and decodes in fp32 when an fp16 VAE asks for it (``force_upcast``:
+    the SDXL VAE overflows in fp16; the VAE is then moved to fp32 in place, once).
+    """
+    config = vae.config
+    dtype = next(vae.parameters()).dtype
+    if dtype == torch.float16 and getattr(config, "force_upcast", False):
+        vae, dtype = vae.to(torch.float32), torch.float32
+    z = latents.to(next(vae.parameters()).device, torch.float32)
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean, device=z.device).view(1, -1, 1, 1)
+        std = torch.tensor(std, device=z.device).view(1, -1, 1, 1)
+        z = z * std / config.scaling_factor + mean
+    else:
+        z = z / config.scaling_factor
+    image = vae.decode(z.to(dtype), return_dict=False)[0].float()
+    return (image / 2 + 0.5).clamp(0, 1)
+
+
+def load_base_pipeline(ctx, device: torch.device):
+    """The frozen base pipeline with a DDPM scheduler (and the SDXL pre-finetuned UNet when given)."""
+    from comat_core.models.generation import load_generator
+    from comat_core.stages.prefinetune import prefinetuned_unet
+
+    return load_generator(ctx.cfg, device, unet_dir=prefinetuned_unet(ctx))
+
+
+@torch.no_grad()
+def generate_latents(pipe, texts: list[str], seeds: list[int], gcfg) -> torch.Tensor:
+    """One scaled latent per (text, seed): ``[B, 4, h, w]`` float32 on the CPU.
+
+    Sample i's initial noise and DDPM noise come from its own CPU generator seeded with ``seeds[i]``.
+    """
+    from comat_core.models.generation import draw
+
+    latents = draw(pipe, texts, seeds, resolution=gcfg.resolution, num_inference_steps=gcfg.num_inference_steps,
+                   guidance_scale=gcfg.guidance_scale, output_type="latent")
+    return latents.float().cpu()
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+class _Throughput:
+    """Images generated and seconds spent generating them (not counting reused shards)."""
+
+    def __init__(self):
+        self.images, self.seconds = 0, 0.0
+
+    @property
+    def per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def run(ctx) -> dict:
+    """Stage entry point (see comat_core.stages.registry)."""
+    from comat_core.runtime import free_memory, resolve_device
+
+    gcfg = ctx.cfg.gan_gt
+    prompts = read_prompts(ctx.inputs["prompts"])
+    if not prompts:
+        raise InputError("the prompts stage holds no prompts; gan_gt has nothing to generate")
+    shards = [prompts[i : i + gcfg.shard_size] for i in range(0, len(prompts), gcfg.shard_size)]
+    names = [shard_name(n) for n in range(len(shards))]
+    pending = shards_to_do(ctx, names)
+    reused = len(shards) - len(pending)
+    device = resolve_device(ctx.cfg)
+    speed = _Throughput()
+    pipe = None
+    bar = tqdm(total=len(prompts), initial=len(prompts) - sum(len(shards[n]) for n in pending), unit="img",
+               desc="gan_gt", dynamic_ncols=True)
+    try:
+        for n in pending:
+            check_fail_hook(ctx, n)
+            if pipe is None:
+                pipe = load_base_pipeline(ctx, device)
+            _generate_shard(ctx, pipe, n, shards[n], speed, bar)
+    finally:
+        bar.close()
+    if ctx.shard_part is not None:  # a fan-out part: the preview and the manifest come with the last call
+        del pipe
+        free_memory()
+        return part_summary(ctx, names, len(pending)) | {"images_generated": speed.images}
+    vae = pipe.vae if pipe is not None else None
+    del pipe  # keep only the VAE, for the preview
+    first = _first_latents(ctx, shards, gcfg.preview_images)
+    preview = _write_preview(ctx, vae, first, device)
+    del vae
+    free_memory()
+    return {"prompts": len(prompts), "shards": len(shards), "shards_generated": len(pending),
+            "shards_reused": reused, "images_generated": speed.images,
+            "images_per_s": round(speed.per_second, 4), "latent_shape": list(first.shape[1:]),
+            "latent_dtype": "float32", "preview": preview}
+
+
+def _generate_shard(ctx, pipe, n: int, prompts: list[dict], speed: _Throughput, bar) -> None:
+    gcfg = ctx.cfg.gan_gt
+    seeds = [prompt_seed(gcfg.seed, p["prompt_id"]) for p in prompts]
+    chunks = []
+    t0 = time.perf_counter()
+    for i in range(0, len(prompts), gcfg.batch_size):
+        batch = prompts[i : i + gcfg.batch_size]
+        t = time.perf_counter()
+        chunks.append(generate_latents(pipe, [p["text"] for p in batch], seeds[i : i + len(batch)], gcfg))
+        speed.images += len(batch)
+        speed.seconds += time.perf_counter() - t
+        bar.set_postfix(shard=n, refresh=False)
+        bar.update(len(batch))
+        ctx.progress(bar.n, bar.total, f"gan_gt: {speed.per_second:.2f} images/s")
+    latents = torch.cat(chunks)
+    rows = [{"prompt_id": p["prompt_id"], "seed": s, "row": r} for r, (p, s) in enumerate(zip(prompts, seeds))]
+    # one metadata key: safetensors writes metadata in hash-map order, so several keys change the bytes
+    ctx.writer.put_tensors(latents_file(n), {"latents": latents}, metadata={"space": "scaled"})
+    ctx.writer.put_table(index_file(n), pa.Table.from_pylist(rows, schema=INDEX_SCHEMA))
+    seconds = time.perf_counter() - t0
+    ctx.writer.commit_shard(shard_name(n), [latents_file(n), index_file(n)],
+                            {"prompts": len(prompts), "seconds": round(seconds, 3),
+                             "images_per_s": round(len(prompts) / seconds, 4) if seconds > 0 else None})
+
+
+def _first_latents(ctx, shards: list[list[dict]], count: int) -> torch.Tensor:
+    """The first ``count`` latents (at least one), read from the committed shards (verified by ``shard_done``)."""
+    from safetensors.torch import load
+
+    chunks, have = [], 0
+    for n in range(len(shards)):
+        chunks.append(load(ctx.store.read_bytes(ctx.writer.path(latents_file(n))))["latents"])
+        have += len(chunks[-1])
+        if have >= max(count, 1):
+            break
+    return torch.cat(chunks)[: max(count, 1)]
+
+
+def _write_preview(ctx, vae, latents: torch.Tensor, device) -> str | None:
+    """``preview.png``: the first ``preview_images`` latents decoded, in one grid."""
+    if ctx.cfg.gan_gt.preview_images == 0:
+        return None
+    from comat_core.runtime import weight_dtype
+
+    if vae is None:
+        vae = config_vae(ctx.cfg, weight_dtype(ctx.cfg, device), device)
+    ctx.writer.put_image(PREVIEW, image_grid(decode_latents(vae, latents)))
+    return PREVIEW
+
+
+def image_grid(images: torch.Tensor):
+    """``[B, 3, H, W]`` in [0, 1] → one PIL image, ``ceil(sqrt(B))`` columns."""
+    from PIL import Image
+
+    b, _, h, w = images.shape
+    cols = math.ceil(math.sqrt(b))
+    rows = math.ceil(b / cols)
+    grid = torch.zeros(3, rows * h, cols * w)
+    for i, img in enumerate(images.cpu()):
+        r, c = divmod(i, cols)
+        grid[:, r * h : (r + 1) * h, c * w : (c + 1) * w] = img
+    array = (grid.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8")
+    return Image.fromarray(array)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reader
+
+
+class GanGtReader:
+    """Ground-truth latents of a completed ``gan_gt`` stage, by prompt id.
+
+    The index (every shard's ``index-*.parquet``) is read once; ``latents`` reads only the shards it
+    needs and keeps the last ``max_cached_shards`` of them in memory (every read is sha256-verified
+    against the manifest by the ``StageReader``).
+    """
+
+    def __init__(self, stage_reader, max_cached_shards: int | None = 16):
+        self.reader = stage_reader
+        self.max_cached_shards = max_cached_shards
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._index = self._read_index()
+        self._where = {pid: (shard, row) for pid, shard, row in
+                       zip(self._index["prompt_id"].to_pylist(), self._index["shard"].to_pylist(),
+                           self._index["row"].to_pylist())}
+
+    def _read_index(self) -> pa.Table:
+        tables = []
+        for rel in self.reader.list(prefix="index-", suffix=".parquet"):
+            shard = int(rel[len("index-") : -len(".parquet")])
+            table = self.reader.read_table(rel)
+            tables.append(table.append_column("shard", pa.array([shard] * table.num_rows, pa.int32())))
+        if not tables:
+            return pa.table({"prompt_id": pa.array([], pa.string()), "seed": pa.array([], pa.int64()),
+                             "row": pa.array([], pa.int32()), "shard": pa.array([], pa.int32())})
+        return pa.concat_tables(tables)
+
+    def index(self) -> pa.Table:
+        """Every stored latent: ``prompt_id``, ``seed``, ``row``, ``shard``."""
+        return self._index
+
+    def prompt_ids(self) -> list[str]:
+        return self._index["prompt_id"].to_pylist()
+
+    def __contains__(self, prompt_id: str) -> bool:
+        return prompt_id in self._where
+
+    def latents(self, prompt_ids: list[str]) -> torch.Tensor:
+        """``[N, 4, h, w]`` float32 scaled latents, in the order of ``prompt_ids``."""
+        missing = [p for p in prompt_ids if p not in self._where]
+        if missing:
+            raise InputError(f"gan_gt at {self.reader.url} has no latent for prompt id(s) {missing[:3]}; "
+                             "rerun gan_gt on the current prompts")
+        return torch.stack([self._shard(self._where[p][0])[self._where[p][1]] for p in prompt_ids])
+
+    def _shard(self, shard: int) -> torch.Tensor:
+        if shard in self._cache:
+            self._cache.move_to_end(shard)
+            return self._cache[shard]
+        tensors = self.reader.read_tensors(latents_file(shard))
+        if "latents" not in tensors:
+            raise IntegrityError(f"{self.reader.url}: {latents_file(shard)} has no 'latents' tensor; rerun gan_gt")
+        self._cache[shard] = tensors["latents"]
+        if self.max_cached_shards is not None:
+            while len(self._cache) > self.max_cached_shards:
+                self._cache.popitem(last=False)
+        return self._cache[shard]

@@ -1,0 +1,250 @@
+"""The stage registry and the one function that runs a stage against the artifact store.
+
+Order: prompts → [sdxl_prefinetune, SDXL only] → gan_gt → masks → train → evaluate.
+
+Each stage is a plain function ``run(ctx: StageContext) -> dict`` (its summary) in its own module.
+``run_stage`` computes the stage key from (stage, config section, input manifest digests, code
+version), returns the existing output when its manifest is there (a cache hit), and otherwise calls
+the stage function and commits the manifest last. Prefect tasks (``tasks/``) and the CLI both go
+through here, so caching means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from comat_core.config import ComatConfig
+from comat_core.errors import ComatError, ConfigError, StorageError
+from comat_core.store.shards import ShardPart
+from comat_core.store.storage import ArtifactStore, StageReader, StageWriter, stage_key
+
+log = logging.getLogger("comat")
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+def _no_progress(done: int, total: int, message: str = "") -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    inputs: tuple[str, ...]
+    code_version: str
+    runner: str  # "module:function", imported lazily (stage modules import torch)
+    models: tuple[str, ...] = ()  # fields of cfg.models that change this stage's output
+    runtime: tuple[str, ...] = ()  # fields of cfg.runtime that change this stage's output
+    gpu: bool = False
+    sharded: bool = False  # commits shards and accepts a ShardPart (fan-out over workers, comat_core/store/shards.py)
+
+    def run_fn(self) -> Callable[["StageContext"], dict]:
+        module, fn = self.runner.split(":")
+        return getattr(importlib.import_module(module), fn)
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in [
+        Stage("prompts", (), "1", "comat_core.stages.prompts:run", models=("family", "pretrained")),
+        Stage("sdxl_prefinetune", ("prompts",), "1", "comat_core.stages.prefinetune:run",
+              models=("family", "pretrained", "vae"), runtime=("mixed_precision", "seed"), gpu=True, sharded=True),
+        Stage("gan_gt", ("prompts", "sdxl_prefinetune"), "1", "comat_core.stages.gan_gt:run",
+              models=("family", "pretrained", "vae"), runtime=("mixed_precision",), gpu=True, sharded=True),
+        Stage("masks", ("prompts", "gan_gt"), "1", "comat_core.stages.masks.stage:run",
+              models=("family", "pretrained", "vae", "grounding_dino", "sam", "sam_checkpoint", "sam_model_type"),
+              runtime=("mixed_precision",), gpu=True, sharded=True),
+        Stage("train", ("prompts", "gan_gt", "masks", "sdxl_prefinetune"), "1", "comat_core.stages.train.stage:run",
+              models=("family", "pretrained", "vae", "captioner", "discriminator"),
+              runtime=("mixed_precision", "seed"), gpu=True),
+        Stage("evaluate", ("train", "sdxl_prefinetune"), "1", "comat_core.stages.evaluate.stage:run",
+              models=("family", "pretrained", "vae", "vqa", "clip", "grounding_dino", "captioner"),
+              runtime=("mixed_precision",), gpu=True, sharded=True),
+    ]
+}
+
+
+def stage_inputs(cfg: ComatConfig, stage: str) -> list[str]:
+    """The inputs a stage reads under this config (sdxl_prefinetune only when it is enabled)."""
+    active = set(cfg.stage_order())
+    return [s for s in STAGES[stage].inputs if s in active]
+
+
+def downstream(cfg: ComatConfig, stages: set[str]) -> set[str]:
+    """The given stages and everything that (transitively) reads them."""
+    out = set(stages)
+    for s in cfg.stage_order():
+        if any(i in out for i in stage_inputs(cfg, s)):
+            out.add(s)
+    return out
+
+
+def stage_config(cfg: ComatConfig, stage: str) -> dict:
+    """What goes into a stage's key: its own section, the models it uses and its runtime fields."""
+    from comat_core.models.loader import model_fingerprint
+
+    spec = STAGES[stage]
+    section = getattr(cfg, stage)
+    # a section may leave out what does not change its output (train: how processes are laid out)
+    section = section.key_dump() if hasattr(section, "key_dump") else section.model_dump(mode="json")
+    models = {name: _fingerprint(name, getattr(cfg.models, name), model_fingerprint) for name in spec.models}
+    runtime = {name: getattr(cfg.runtime, name) for name in spec.runtime}
+    out = {"section": section, "models": models, "runtime": runtime}
+    if stage == "prompts":
+        from comat_core.stages.prompts import sources_fingerprint
+
+        from comat_core.stages.entities import resolve_parser
+
+        out["sources"] = sources_fingerprint(cfg.prompts, cfg.storage.options)
+        out["parser"] = resolve_parser(cfg.prompts.parser)  # "auto" differs between machines
+    if stage == "evaluate":
+        from comat_core.stages.prompts import PromptsConfig, sources_fingerprint
+
+        files = PromptsConfig(sources=[f"{cfg.evaluate.prompt_dir.rstrip('/')}/*.txt"])
+        out["prompt_files"] = sources_fingerprint(files, cfg.storage.options)["sources"]
+    return out
+
+
+def _fingerprint(field: str, value, model_fingerprint) -> Any:
+    """Model names enter keys as fingerprints; plain settings and checkpoint files as they are."""
+    if not isinstance(value, str) or field in ("family", "sam_model_type"):
+        return value
+    if field == "sam_checkpoint":
+        import os
+
+        return f"{value}#{os.path.getsize(value) if os.path.isfile(value) else 'missing'}"
+    return model_fingerprint(value)
+
+
+@dataclass
+class StageResult:
+    stage: str
+    key: str
+    url: str
+    cached: bool
+    manifest: dict
+    partial: bool = False  # a fan-out part: its shards are in storage, the stage is not committed
+
+
+@dataclass
+class StageContext:
+    """Everything a stage function needs; the stage writes through ``writer`` and reads ``inputs``."""
+
+    cfg: ComatConfig
+    store: ArtifactStore
+    stage: str
+    key: str
+    writer: StageWriter
+    inputs: dict[str, StageReader]
+    progress: ProgressFn = _no_progress
+    hooks: dict[str, Any] = field(default_factory=dict)  # test hooks, e.g. {"fail_at_shard": 2}
+    shard_part: ShardPart | None = None  # compute only this part of the shards and skip the rest (fan-out)
+    workdir: Path | None = None  # local scratch, removed after the stage
+
+    @property
+    def section(self):
+        return getattr(self.cfg, self.stage)
+
+    def scratch(self) -> Path:
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix=f"comat-{self.stage}-"))
+        return self.workdir
+
+
+def name_or(stage: str) -> str:
+    if stage not in STAGES:
+        raise ComatError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    return stage
+
+
+def compute_key(cfg: ComatConfig, store: ArtifactStore, stage: str) -> str:
+    """The stage key; its inputs must be complete (their manifests' digests enter the key)."""
+    digests = {}
+    for name in stage_inputs(cfg, name_or(stage)):
+        key = compute_key(cfg, store, name)
+        digest = store.manifest_digest(name, key)
+        if digest is None:
+            raise StorageError(f"stage {stage} needs {name}, which is not complete at key {key}; run it first")
+        digests[name] = f"{key}:{digest}"
+    spec = STAGES[stage]
+    return stage_key(stage, stage_config(cfg, stage), digests, spec.code_version)
+
+
+def run_stage(cfg: ComatConfig, store: ArtifactStore, stage: str, *, force: bool = False,
+              progress: ProgressFn | None = None, hooks: dict | None = None,
+              shard_part: ShardPart | None = None) -> StageResult:
+    """Run one stage unless its output is already complete. ``force`` wipes and recomputes it.
+
+    ``shard_part`` (sharded stages, fan-out): compute only that part's shards and return a
+    ``partial`` result without committing the manifest; a later call without it commits.
+    """
+    spec = STAGES[name_or(stage)]
+    if shard_part is not None:
+        if not spec.sharded:
+            raise ConfigError(f"stage {stage} is not sharded; run it without a shard part")
+        if force:
+            raise ConfigError(f"{stage}: force with a shard part would delete the other parts' shards; "
+                              "force the whole stage once, before the fan-out")
+    key = compute_key(cfg, store, stage)
+    if force:
+        store.remove_tree(store.path(stage, key))
+    manifest = store.read_manifest(stage, key)
+    if manifest is not None:
+        log.info("%s: cache hit %s", stage, store.stage_url(stage, key))
+        return StageResult(stage, key, store.stage_url(stage, key), True, manifest)
+    inputs = {n: store.reader(n, compute_key(cfg, store, n)) for n in stage_inputs(cfg, stage)}
+    writer = store.writer(stage, key)
+    ctx = StageContext(cfg, store, stage, key, writer, inputs, progress or _no_progress, hooks or {}, shard_part)
+    log.info("%s: computing %s", stage, writer.url)
+    t0 = time.time()
+    try:
+        summary = spec.run_fn()(ctx) or {}
+    finally:
+        if ctx.workdir is not None:
+            shutil.rmtree(ctx.workdir, ignore_errors=True)
+    summary.setdefault("seconds", round(time.time() - t0, 3))
+    if shard_part is not None:
+        log.info("%s: part %s done in %s (stage not committed)", stage, shard_part, writer.url)
+        return StageResult(stage, key, writer.url, False, {"summary": summary}, partial=True)
+    manifest = writer.commit(
+        config=stage_config(cfg, stage),
+        inputs={n: {"key": r.key, "url": r.url} for n, r in inputs.items()},
+        summary=summary,
+        code_version=spec.code_version,
+    )
+    return StageResult(stage, key, writer.url, False, manifest)
+
+
+@dataclass
+class StageStatus:
+    stage: str
+    key: str | None
+    state: str  # complete | partial | missing | waiting
+    shards: int = 0
+    detail: str = ""
+
+
+def status(cfg: ComatConfig, store: ArtifactStore) -> list[StageStatus]:
+    """Each stage's key and state under this config (for ``comat status``)."""
+    out = []
+    for stage in cfg.stage_order():
+        try:
+            key = compute_key(cfg, store, stage)
+        except StorageError as e:
+            out.append(StageStatus(stage, None, "waiting", detail=str(e)))
+            continue
+        manifest = store.read_manifest(stage, key)
+        if manifest is not None:
+            out.append(StageStatus(stage, key, "complete", detail=store.stage_url(stage, key)))
+            continue
+        shards = store.writer(stage, key).committed_shards()
+        state = "partial" if shards or store.exists(store.path(stage, key)) else "missing"
+        out.append(StageStatus(stage, key, state, len(shards), store.stage_url(stage, key)))
+    return out

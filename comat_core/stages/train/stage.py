@@ -1,0 +1,23 @@
+"""The ``train`` stage: CoMat fine-tuning of the configured model (the method in ``comat_core.method``).
+
+Inputs: ``prompts`` (texts and entity spans), ``gan_gt`` (one ground-truth latent per prompt, the
+discriminator's "real" data and the Mixed Latent start points), ``masks`` (per-entity object masks
+for attribute concentration) and, for SDXL, ``sdxl_prefinetune`` (its ``unet/`` folder replaces the
+generator's UNet). Trains on the prompts that have a ground-truth latent and writes
+``checkpoints/``, ``samples/``, ``lora/`` and ``metrics.parquet`` (see ``method/trainer.py``). A rerun
+of an interrupted stage resumes from its latest complete checkpoint. With ``train.num_processes > 1``
+the training runs data parallel under ``accelerate launch`` and this stage waits (``launch.py``).
+"""
+
+from __future__ import annotations
+
+from comat_core.stages.registry import StageContext
+from comat_core.stages.train.inputs import train_in_process
+from comat_core.stages.train.launch import launched, run_launched
+
+
+def run(ctx: StageContext) -> dict:
+    """Stage entry point: in this process, or under ``accelerate launch`` with ``train.num_processes > 1``."""
+    if launched(ctx.cfg):
+        return run_launched(ctx)
+    return train_in_process(ctx)

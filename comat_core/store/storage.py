@@ -1,0 +1,433 @@
+"""The artifact store: every stage's output under ``<root>/<stage>/<stage key>/`` on any fsspec URL.
+
+Contract (PIPELINE.md):
+
+* The **stage key** hashes the stage name, the stage's config section, the digests of its inputs'
+  manifests and the stage's code version. Same inputs, same key; any change, a new key.
+* Every file is written atomically: to a temporary name then renamed (local disk), or in a single
+  PUT (object stores), so a reader never sees half a file under its final name.
+* ``_manifest.json`` is written **last** and lists every file with its size and sha256, the config,
+  the inputs, software versions and timings. A folder without a manifest is incomplete.
+* Long stages commit **shards**: each shard's files, then its own ``_shards/<name>.json``. A rerun
+  redoes only the shards whose manifest is missing or whose files no longer match it.
+* Readers trust only manifests and verify sha256 when they read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import platform
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import fsspec
+
+from comat_core.errors import IntegrityError, StorageError
+
+MANIFEST = "_manifest.json"
+SHARD_DIR = "_shards"
+_KNOWN_PROTOCOLS_HINT = "a local path, s3://bucket/prefix, gs://bucket/prefix or memory://name"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Deterministic JSON bytes (sorted keys, no whitespace) for hashing."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def stage_key(stage: str, config: dict, input_digests: dict[str, str], code_version: str) -> str:
+    """A short, stable hash of everything that determines a stage's output."""
+    payload = {"stage": stage, "config": config, "inputs": input_digests, "code": code_version}
+    return sha256_bytes(canonical_json(payload))[:16]
+
+
+def software_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("comat", "torch", "diffusers", "transformers", "peft", "accelerate"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+class ArtifactStore:
+    """An fsspec filesystem rooted at one URL, with the stage layout and atomic writes."""
+
+    def __init__(self, root: str, storage_options: dict | None = None):
+        self.root_url = str(root).rstrip("/")
+        options = dict(storage_options or {})
+        try:
+            fs, path = fsspec.core.url_to_fs(self.root_url, **_default_options(self.root_url, options))
+        except (ValueError, ImportError) as e:
+            raise StorageError(f"storage URL {root!r} is not usable ({e}); use {_KNOWN_PROTOCOLS_HINT}") from None
+        self.fs = fs
+        self.root = path.rstrip("/")
+        self.is_local = _is_local(fs)
+        if self.is_local:
+            self.root = os.path.abspath(self.root)
+            self.root_url = self.root
+
+    # ---------------------------------------------------------------- paths
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *[p.strip("/") for p in parts if p]])
+
+    def url(self, *parts: str) -> str:
+        p = self.path(*parts)
+        if self.is_local:
+            return p
+        proto = self.fs.protocol[0] if isinstance(self.fs.protocol, (tuple, list)) else self.fs.protocol
+        return f"{proto}://{p}"
+
+    def stage_url(self, stage: str, key: str) -> str:
+        return self.url(stage, key)
+
+    # ---------------------------------------------------------------- checks
+    def check_reachable(self) -> None:
+        """Fail early, with one line, if the root cannot be listed or created."""
+        try:
+            if self.is_local:
+                os.makedirs(self.root, exist_ok=True)
+                probe = self.path(f".probe-{uuid.uuid4().hex}")
+                with open(probe, "wb") as f:
+                    f.write(b"ok")
+                os.remove(probe)
+            else:
+                self.fs.ls(self.root.split("/")[0], detail=False)
+        except Exception as e:  # noqa: BLE001 - any backend error means unreachable
+            raise StorageError(f"storage {self.root_url!r} is not reachable: {_one_line(e)}") from None
+
+    # ---------------------------------------------------------------- raw IO
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write ``data`` to ``path`` atomically."""
+        try:
+            if self.is_local:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            else:
+                self.fs.pipe_file(path, data)
+        except OSError as e:
+            raise StorageError(f"cannot write {path}: {_one_line(e)}") from None
+
+    def upload_file(self, local_path: str, path: str) -> None:
+        """Copy a local file to ``path`` atomically (temp name + rename locally, one upload remotely)."""
+        try:
+            if self.is_local:
+                import shutil
+
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+                shutil.copyfile(local_path, tmp)
+                os.replace(tmp, path)
+            else:
+                self.fs.put_file(local_path, path)
+        except OSError as e:
+            raise StorageError(f"cannot write {path}: {_one_line(e)}") from None
+
+    def read_bytes(self, path: str) -> bytes:
+        try:
+            return self.fs.cat_file(path)
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise StorageError(f"cannot read {path}: {_one_line(e)}") from None
+
+    def exists(self, path: str) -> bool:
+        try:
+            return self.fs.exists(path)
+        except OSError as e:
+            raise StorageError(f"cannot reach {path}: {_one_line(e)}") from None
+
+    def remove_tree(self, path: str) -> None:
+        if self.exists(path):
+            self.fs.rm(path, recursive=True)
+        self.fs.invalidate_cache()
+
+    def listdir(self, path: str) -> list[str]:
+        try:
+            self.fs.invalidate_cache(path)
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+        except FileNotFoundError:
+            return []
+
+    # ---------------------------------------------------------------- manifests
+    def manifest_path(self, stage: str, key: str) -> str:
+        return self.path(stage, key, MANIFEST)
+
+    def read_manifest(self, stage: str, key: str) -> dict | None:
+        """The stage's manifest, or None when the stage is incomplete or absent."""
+        try:
+            self.fs.invalidate_cache(self.path(stage, key))
+            return json.loads(self.read_bytes(self.manifest_path(stage, key)))
+        except FileNotFoundError:
+            return None
+
+    def manifest_digest(self, stage: str, key: str) -> str | None:
+        try:
+            return sha256_bytes(self.read_bytes(self.manifest_path(stage, key)))
+        except FileNotFoundError:
+            return None
+
+    def is_complete(self, stage: str, key: str) -> bool:
+        return self.read_manifest(stage, key) is not None
+
+    def writer(self, stage: str, key: str) -> "StageWriter":
+        return StageWriter(self, stage, key)
+
+    def reader(self, stage: str, key: str) -> "StageReader":
+        manifest = self.read_manifest(stage, key)
+        if manifest is None:
+            raise StorageError(f"stage {stage} has no complete output at key {key} ({self.stage_url(stage, key)})")
+        return StageReader(self, stage, key, manifest)
+
+    def stage_keys(self, stage: str) -> list[str]:
+        return [k for k in self.listdir(self.path(stage)) if not k.startswith(".")]
+
+
+@dataclass
+class FileEntry:
+    size: int
+    sha256: str
+
+
+class StageWriter:
+    """Writes one stage's files, commits shards, and finally the stage manifest."""
+
+    def __init__(self, store: ArtifactStore, stage: str, key: str):
+        self.store, self.stage, self.key = store, stage, key
+        self.files: dict[str, FileEntry] = {}
+        self.started = time.time()
+
+    @property
+    def url(self) -> str:
+        return self.store.stage_url(self.stage, self.key)
+
+    def path(self, rel: str) -> str:
+        return self.store.path(self.stage, self.key, rel)
+
+    # ---------------------------------------------------------------- files
+    def put_bytes(self, rel: str, data: bytes) -> FileEntry:
+        self.store.write_bytes(self.path(rel), data)
+        entry = FileEntry(len(data), sha256_bytes(data))
+        self.files[rel] = entry
+        return entry
+
+    def put_json(self, rel: str, obj: Any) -> FileEntry:
+        return self.put_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def put_table(self, rel: str, table) -> FileEntry:
+        """A pyarrow Table (or a list of row dicts) as Parquet."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not isinstance(table, pa.Table):
+            table = pa.Table.from_pylist(list(table))
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        return self.put_bytes(rel, buf.getvalue())
+
+    def put_tensors(self, rel: str, tensors: dict, metadata: dict[str, str] | None = None) -> FileEntry:
+        from safetensors.torch import save
+
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        return self.put_bytes(rel, save(tensors, metadata=metadata))
+
+    def put_image(self, rel: str, image) -> FileEntry:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return self.put_bytes(rel, buf.getvalue())
+
+    def put_file(self, rel: str, local_path: str | Path) -> FileEntry:
+        """Upload one local file, streamed (weights of several GB never sit in memory whole)."""
+        digest, size = hashlib.sha256(), 0
+        with open(local_path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+                size += len(chunk)
+        self.store.upload_file(str(local_path), self.path(rel))
+        entry = FileEntry(size, digest.hexdigest())
+        self.files[rel] = entry
+        return entry
+
+    def put_local_tree(self, rel: str, local_dir: str | Path) -> list[str]:
+        """Upload a local folder (e.g. a diffusers ``save_pretrained`` output) file by file."""
+        written = []
+        local_dir = Path(local_dir)
+        for p in sorted(local_dir.rglob("*")):
+            if p.is_file():
+                sub = f"{rel}/{p.relative_to(local_dir).as_posix()}"
+                self.put_file(sub, p)
+                written.append(sub)
+        return written
+
+    # ---------------------------------------------------------------- shards
+    def shard_manifest_path(self, name: str) -> str:
+        return self.path(f"{SHARD_DIR}/{name}.json")
+
+    def shard_done(self, name: str, verify: bool = True) -> bool:
+        """True when the shard's manifest exists and (with ``verify``) its files match it.
+
+        A shard whose files were corrupted is reported as not done, so it is regenerated.
+        """
+        try:
+            manifest = json.loads(self.store.read_bytes(self.shard_manifest_path(name)))
+        except FileNotFoundError:
+            return False
+        entries = {rel: FileEntry(**e) for rel, e in manifest["files"].items()}
+        if verify:
+            for rel, entry in entries.items():
+                try:
+                    data = self.store.read_bytes(self.path(rel))
+                except FileNotFoundError:
+                    return False
+                if len(data) != entry.size or sha256_bytes(data) != entry.sha256:
+                    return False
+        self.files.update(entries)
+        return True
+
+    def commit_shard(self, name: str, files: Iterable[str], meta: dict | None = None) -> None:
+        """Write the shard's manifest after its files: from now on the shard counts as done."""
+        files = list(files)
+        missing = [f for f in files if f not in self.files]
+        if missing:
+            raise StorageError(f"shard {name}: files were not written through this writer: {missing}")
+        manifest = {
+            "shard": name,
+            "files": {f: vars(self.files[f]) for f in files},
+            "meta": meta or {},
+            "committed_at": time.time(),
+        }
+        self.store.write_bytes(self.shard_manifest_path(name), json.dumps(manifest, indent=2).encode())
+
+    def shard_meta(self, name: str) -> dict:
+        return json.loads(self.store.read_bytes(self.shard_manifest_path(name)))
+
+    def committed_shards(self) -> list[str]:
+        return [n[:-5] for n in self.store.listdir(self.path(SHARD_DIR)) if n.endswith(".json")]
+
+    # ---------------------------------------------------------------- commit
+    def commit(self, *, config: dict, inputs: dict[str, dict], summary: dict | None = None,
+               code_version: str = "") -> dict:
+        """Write ``_manifest.json`` last. Returns the manifest."""
+        manifest = {
+            "stage": self.stage,
+            "key": self.key,
+            "code_version": code_version,
+            "config": config,
+            "inputs": inputs,
+            "files": {rel: vars(e) for rel, e in sorted(self.files.items())},
+            "summary": summary or {},
+            "software": software_versions(),
+            "started_at": self.started,
+            "finished_at": time.time(),
+            "seconds": round(time.time() - self.started, 3),
+        }
+        self.store.write_bytes(self.path(MANIFEST), json.dumps(manifest, indent=2, default=str).encode())
+        return manifest
+
+
+class StageReader:
+    """Reads a completed stage; every read is checked against the manifest."""
+
+    def __init__(self, store: ArtifactStore, stage: str, key: str, manifest: dict):
+        self.store, self.stage, self.key, self.manifest = store, stage, key, manifest
+
+    @property
+    def url(self) -> str:
+        return self.store.stage_url(self.stage, self.key)
+
+    @property
+    def files(self) -> dict[str, dict]:
+        return self.manifest["files"]
+
+    @property
+    def summary(self) -> dict:
+        return self.manifest.get("summary", {})
+
+    def list(self, prefix: str = "", suffix: str = "") -> list[str]:
+        return sorted(f for f in self.files if f.startswith(prefix) and f.endswith(suffix))
+
+    def read_bytes(self, rel: str, verify: bool = True) -> bytes:
+        if rel not in self.files:
+            raise IntegrityError(f"{self.url}: {rel} is not listed in the manifest")
+        try:
+            data = self.store.read_bytes(self.store.path(self.stage, self.key, rel))
+        except FileNotFoundError:
+            raise IntegrityError(f"{self.url}: {rel} is listed in the manifest but missing; rerun the stage") from None
+        entry = self.files[rel]
+        if verify and (len(data) != entry["size"] or sha256_bytes(data) != entry["sha256"]):
+            raise IntegrityError(f"{self.url}: {rel} does not match its manifest (sha256); rerun the stage with --force")
+        return data
+
+    def verify(self) -> None:
+        """Check every file against the manifest (raises IntegrityError)."""
+        for rel in self.files:
+            self.read_bytes(rel, verify=True)
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def read_table(self, rel: str):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(io.BytesIO(self.read_bytes(rel)))
+
+    def read_tensors(self, rel: str) -> dict:
+        from safetensors.torch import load
+
+        return load(self.read_bytes(rel))
+
+    def read_image(self, rel: str):
+        from PIL import Image
+
+        img = Image.open(io.BytesIO(self.read_bytes(rel)))
+        img.load()
+        return img
+
+    def download_tree(self, rel: str, local_dir: str | Path) -> Path:
+        """Materialise a sub-folder (verified) on local disk, e.g. for ``from_pretrained``."""
+        local_dir = Path(local_dir)
+        for f in self.list(prefix=rel.rstrip("/") + "/"):
+            dst = local_dir / f[len(rel.rstrip("/")) + 1:]
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(self.read_bytes(f))
+        return local_dir
+
+
+# ---------------------------------------------------------------- helpers
+
+def _is_local(fs) -> bool:
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return proto in ("file", "local")
+
+
+def _default_options(url: str, options: dict) -> dict:
+    """S3 endpoint from AWS_ENDPOINT_URL (s3fs reads the credentials from the environment itself)."""
+    if url.startswith(("s3://", "s3a://")):
+        options = dict(options)
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint and "endpoint_url" not in options and "endpoint_url" not in options.get("client_kwargs", {}):
+            options["endpoint_url"] = endpoint
+        options.setdefault("skip_instance_cache", True)
+    return options
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
