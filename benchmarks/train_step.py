@@ -272,10 +272,12 @@ def production_config(args, paths: dict[str, Path], overrides: list[str], batch:
     preset = {"sd15": "sd15", "sdxl": "sdxl"}[args.model]
     base = [f"models.pretrained={paths[args.model]}", f"models.captioner={paths['blip']}",
             f"models.discriminator={paths['sd15']}", "models.vae=null", f"train.batch_size={batch}",
-            "train.trackers=[]", f"runtime.device={args.device}", f"train.resolution={64 if tiny else 512}"]
+            "train.trackers=[]", f"runtime.device={args.device}", f"train.resolution={64 if tiny else 512}",
+            f"gan_gt.resolution={64 if tiny else 512}"]
     if tiny:
         base += ["train.lora.rank=4", "train.lora.alpha=4", "train.discriminator.lora_rank=4",
-                 f"train.num_inference_steps={args.tiny_steps}", "train.grad_steps=2", "train.losses.attribute_steps=1"]
+                 f"train.num_inference_steps={args.tiny_steps}", f"gan_gt.num_inference_steps={args.tiny_steps}",
+                 "train.grad_steps=2", "train.losses.attribute_steps=1"]
     return load_config(preset, overrides=base + overrides + list(args.set))
 
 

@@ -24,8 +24,9 @@ from comat_core.errors import ConfigError
 PRESETS = ("tiny", "tiny-sdxl", "sd15", "sdxl")
 STAGE_NAMES = ("prompts", "sdxl_prefinetune", "gan_gt", "masks", "train", "evaluate")
 
-# METHOD.md §4: the reference drops these 58 background / non-object nouns (and their plurals, "noun" + "s")
-# from attribute concentration.
+# The reference drops these 58 background / non-object nouns from attribute concentration, and their
+# plurals: a noun is dropped when it, or it without a final "s" (the reference's ``n[:-1]``), is listed
+# ("walls", "streets"). See ``stages.masks.stage.is_background``.
 BACKGROUND_NOUNS = [
     "scene", "surface", "area", "atmosphere", "noise", "place", "kitchen", "dream", "interior",
     "exterior", "meal", "background", "bathroom", "room", "scent", "street", "hillside",
@@ -63,7 +64,9 @@ class ModelsConfig(_Section):
     """Every model is a Hugging Face id, a local path, or ``tiny://<kind>`` (offline tiny zoo)."""
 
     family: Literal["sd15", "sdxl"] = "sd15"
-    pretrained: str = "runwayml/stable-diffusion-v1-5"
+    pretrained: str = Field(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        description="the model to fine-tune; SD1.5's maintained copy (runwayml/stable-diffusion-v1-5 was removed in 2024)")
     vae: str | None = Field(None, description="optional VAE override (e.g. an fp16-safe SDXL VAE)")
     captioner: str = "Salesforce/blip-image-captioning-large"
     vqa: str = "Salesforce/blip-vqa-base"
@@ -73,7 +76,9 @@ class ModelsConfig(_Section):
     sam: str = "facebook/sam-vit-huge"
     sam_checkpoint: str | None = Field(None, description="gsam backend: segment_anything .pth checkpoint (e.g. sam_vit_h_4b8939.pth)")
     sam_model_type: Literal["vit_h", "vit_l", "vit_b", "tiny"] = "vit_h"
-    discriminator: str = Field("runwayml/stable-diffusion-v1-5", description="SD1.5-architecture model whose UNet initialises the discriminator")
+    discriminator: str = Field(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        description="SD1.5-architecture model whose UNet initialises the discriminator (the reference: SD1.5's)")
 
 
 class PromptsConfig(_Section):
@@ -88,6 +93,10 @@ class PromptsConfig(_Section):
 
 class GanGtConfig(_Section):
     resolution: int = Field(512, ge=32)
+    samples_per_prompt: int = Field(
+        1, ge=1, description="ground-truth samples per prompt, each with its own seed, latent and masks; the trainer "
+                             "draws one per visit. With train.attribute_masks=gt_noise a prompt always starts from one "
+                             "of these noises, so N > 1 buys diversity at N times the gan_gt and masks cost")
     num_inference_steps: int = Field(50, ge=1)
     guidance_scale: float = Field(7.5, ge=0)
     batch_size: int = Field(8, ge=1)
@@ -144,7 +153,12 @@ class LossConfig(_Section):
         description="UNet blocks whose cross-attention maps feed attribute concentration")
     attribute_steps: int = Field(2, ge=0, description="how many of the K gradient steps capture attention")
     attribute_steps_with_replacement: bool = Field(False, description="Decision; reference: True")
-    token_loss_mean_over_layers: bool = Field(True, description="Decision; reference: False (sum over layers)")
+    token_loss_layer_scale: Literal["sum", "sd15"] = Field(
+        "sum", description="how the per-layer token losses add up. sum: the reference (summed over the captured layers; "
+                           "SD1.5's 10 layers at token_weight 1e-3 is the published recipe). sd15: Decision for SDXL, the "
+                           "sum times 10 / (captured layers), so SDXL's 46-layer sum weighs like SD1.5's 10 (the "
+                           "reference's plain sum makes SDXL's token term 4.6x SD1.5's). Not a mean over layers: that "
+                           "would make SD1.5's term 10x weaker than the recipe")
     drop_undetected_nouns: bool = Field(True, description="Decision; reference: False (all-zero mask supervised)")
 
 
@@ -183,7 +197,13 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = True
     backprop_through_unet_input: bool = Field(True, description="Decision; reference: True for SD1.5, False for SDXL")
     decode_to_unit_range: bool = Field(True, description="Decision: losses get [0,1] images; reference SDXL hands [-1,1]")
-    p_mixed: float = Field(0.0, ge=0, le=1, description="Mixed Latent probability (METHOD.md §6); default off")
+    p_mixed: float = Field(0.0, ge=0, le=1, description="Mixed Latent probability (see docs/method.md); default off")
+    attribute_masks: Literal["gt_noise", "online"] = Field(
+        "gt_noise", description="which image the attribute-concentration masks describe. gt_noise (Decision, default): a "
+                                "sample of prompt p starts from p's gan_gt noise and uses p's variance-noise stream, so at "
+                                "the LoRA's initial state the trained image is p's gan_gt image and the offline masks "
+                                "describe it; training keeps the layout close. online (the reference): fresh noise, and "
+                                "the online image is segmented (detached) with masks.backend at every attribute step")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     losses: LossConfig = Field(default_factory=LossConfig)
     discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
@@ -279,6 +299,20 @@ class ComatConfig(_Section):
             raise ValueError(f"unknown preset {v!r}; choose one of {', '.join(PRESETS)}")
         return v
 
+    @model_validator(mode="after")
+    def _gt_noise_replays_gan_gt(self) -> "ComatConfig":
+        """With ``train.attribute_masks=gt_noise`` the trainer replays gan_gt's draws: the sampler must be the same."""
+        if self.train.attribute_masks != "gt_noise":
+            return self
+        pairs = [("resolution", "resolution"), ("num_inference_steps", "num_inference_steps"),
+                 ("guidance_scale", "guidance_scale")]
+        for t_name, g_name in pairs:
+            t, g = getattr(self.train, t_name), getattr(self.gan_gt, g_name)
+            if t != g:
+                raise ValueError(f"train.attribute_masks=gt_noise replays the gan_gt samples, so train.{t_name} ({t}) "
+                                 f"must equal gan_gt.{g_name} ({g}); make them equal or use train.attribute_masks=online")
+        return self
+
     @property
     def prefinetune_enabled(self) -> bool:
         enabled = self.sdxl_prefinetune.enabled
@@ -311,7 +345,8 @@ def _preset_sdxl() -> dict:
         "train": {
             "batch_size": 6,
             "learning_rate": 2e-5,
-            "losses": {"gan_weight": 0.5, "attention_blocks": ["mid_block", "up_blocks.0", "up_blocks.1"]},
+            "losses": {"gan_weight": 0.5, "attention_blocks": ["mid_block", "up_blocks.0", "up_blocks.1"],
+                       "token_loss_layer_scale": "sd15"},
             "discriminator": {"learning_rate": 5e-5},
         },
         "evaluate": {"resolution": 512},
@@ -336,7 +371,7 @@ def _tiny_common(family: str) -> dict:
         "sdxl_prefinetune": {"generation_resolution": 128, "resolution": 64, "num_images": 8,
                              "num_inference_steps": 4, "generation_batch_size": 4, "shard_size": 4,
                              "max_steps": 4, "batch_size": 2, "learning_rate": 1e-4},
-        "gan_gt": {"resolution": 64, "num_inference_steps": 4, "batch_size": 8, "shard_size": 16,
+        "gan_gt": {"resolution": 64, "num_inference_steps": 6, "batch_size": 8, "shard_size": 16,
                    "preview_images": 4},
         "masks": {"batch_size": 8, "shard_size": 16, "box_threshold": 0.05, "text_threshold": 0.05},
         "train": {
@@ -366,6 +401,7 @@ def _preset_tiny_sdxl() -> dict:
     d["preset"] = "tiny-sdxl"
     d["runtime"] = {"mixed_precision": "no"}
     d["train"]["losses"]["gan_weight"] = 0.5
+    d["train"]["losses"]["token_loss_layer_scale"] = "sd15"
     # the tiny SDXL UNet, like the real one, has no attention in its full-resolution blocks
     d["train"]["losses"]["attention_blocks"] = ["mid_block", "up_blocks.0"]
     return d

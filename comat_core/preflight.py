@@ -38,9 +38,23 @@ def check_stage_names(cfg: ComatConfig, names: list[str] | None, what: str) -> N
                           f"stages are {', '.join(allowed)}")
 
 
-def check_models(cfg: ComatConfig) -> None:
-    """Local model paths must exist (hub ids and tiny:// names are resolved when loaded)."""
-    from comat_core.models.loader import is_local
+# What `hf download` fetches for each kind of model: configs, tokenizers and the safetensors weights of
+# each component, never the multi-GB single-file .ckpt / .safetensors checkpoints at a pipeline's top level.
+PIPELINE_FILES = ('"model_index.json" "*/*.json" "*/*.txt" "*/diffusion_pytorch_model.safetensors" '
+                  '"*/model.safetensors" "*/*.model"')
+MODEL_FILES = '"*.json" "*.txt" "*.model" "model.safetensors"'
+PIPELINE_FIELDS = ("pretrained", "discriminator")  # diffusers pipelines; the rest are single models (or a VAE)
+
+
+def check_models(cfg: ComatConfig, stages: list[str] | None = None) -> None:
+    """Every model the selected stages need must be there before any work starts.
+
+    Local paths must exist. With ``HF_HUB_OFFLINE=1`` every Hub id must be in the Hub cache; the
+    error lists each missing one, on one line, with the ``hf download`` command that fetches it
+    (configs and safetensors only). Online, Hub ids are downloaded when first loaded.
+    """
+    from comat_core.models.loader import is_local, is_tiny
+    from comat_core.stages.registry import STAGES
 
     import os
 
@@ -48,6 +62,41 @@ def check_models(cfg: ComatConfig) -> None:
         if isinstance(value, str) and is_local(value) and not os.path.exists(os.path.expanduser(value)):
             raise InputError(f"models.{name}: model path does not exist: {value} "
                              "(use a Hugging Face id or an existing folder)")
+    if not _hub_offline():
+        return
+    fields = {f for s in (stages or cfg.stage_order()) if s in STAGES for f in STAGES[s].models}
+    missing = []
+    for field in sorted(fields):
+        value = getattr(cfg.models, field)
+        if field in ("family", "sam_model_type", "sam_checkpoint") or not isinstance(value, str):
+            continue
+        if is_tiny(value) or is_local(value) or _in_hub_cache(value):
+            continue
+        files = PIPELINE_FILES if field in PIPELINE_FIELDS else MODEL_FILES
+        missing.append(f"models.{field}={value} (hf download {value} --include {files})")
+    if missing:
+        raise InputError(f"HF_HUB_OFFLINE=1 and {len(missing)} model(s) are not in the Hub cache "
+                         f"({_hub_cache()}): " + "; ".join(missing))
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """The Hub cache holds at least one snapshot of ``repo_id`` with files in it."""
+    from pathlib import Path
+
+    snapshots = Path(_hub_cache()) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    return snapshots.is_dir() and any(any(s.iterdir()) for s in snapshots.iterdir() if s.is_dir())
 
 
 def preflight(cfg: ComatConfig, stages: list[str] | None = None, force: list[str] | None = None) -> None:
@@ -59,4 +108,4 @@ def preflight(cfg: ComatConfig, stages: list[str] | None = None, force: list[str
     ArtifactStore(cfg.storage.root, cfg.storage.options).check_reachable()
     if stages is None or "prompts" in stages:
         collect_prompts(cfg.prompts, cfg.storage.options)  # every file exists, is UTF-8 and not empty
-    check_models(cfg)
+    check_models(cfg, stages)

@@ -27,7 +27,7 @@ def run_one(stage: str, config: dict | None, force: bool, part: list[int] | None
         raise ConfigError(f"stage {stage} is not part of preset {cfg.preset}'s pipeline "
                           f"({', '.join(cfg.stage_order())}); check sdxl_prefinetune.enabled / models.family")
     open_store(cfg).check_reachable()
-    check_models(cfg)
+    check_models(cfg, [stage])
     return run_stage_task(stage, cfg, force=force, part=part)
 
 

@@ -209,12 +209,43 @@ def test_attribute_loss_layers_resolutions_and_batch():
     # token 1 over the 2x2 map: 0.4 of 1.7 in the cell; token 2: 0.1 of 1.2.
     assert token_loss(c4, [entity]).item() == pytest.approx(((1 - 0.4 / 1.7) ** 2 + (1 - 0.1 / 1.2) ** 2) / 2)
 
-    tokens, pixels = attribute_concentration_loss(maps, targets, mean_over_layers=False)
+    tokens, pixels = attribute_concentration_loss(maps, targets, layer_scale="sum")
     torch.testing.assert_close(tokens, token_sum / 2)  # divided by the batch size, empty image included
     torch.testing.assert_close(pixels, pixel_sum / 2)
-    tokens_mean, pixels_again = attribute_concentration_loss(maps, targets, mean_over_layers=True)
-    torch.testing.assert_close(tokens_mean, token_sum / 2 / 3)
+    tokens_scaled, pixels_again = attribute_concentration_loss(maps, targets, layer_scale="sd15")
+    torch.testing.assert_close(tokens_scaled, token_sum / 2 * 10 / 3)  # 3 layers brought to SD1.5's 10
     torch.testing.assert_close(pixels_again, pixels)
+    with pytest.raises(ValueError, match="layer_scale"):
+        attribute_concentration_loss(maps, targets, layer_scale="mean")
+
+
+def _reference_token_term(maps: dict, mask: torch.Tensor, tokens: list[int], weight: float) -> float:
+    """The reference's formula by hand: per layer (1 - in-mask share)^2 over tokens, summed over layers, times the weight."""
+    total = 0.0
+    for m in maps.values():
+        a = m[0].double()
+        side = int(a.shape[0] ** 0.5)
+        cell = resize_mask(mask, side).reshape(-1).double()
+        per_token = [(1 - (a[:, t] * cell).sum() / a[:, t].sum()) ** 2 for t in tokens]
+        total += float(sum(per_token) / len(per_token))
+    return weight * total
+
+
+@pytest.mark.parametrize("preset, layers, scale", [("sd15", 10, 1.0), ("sdxl", 46, 10 / 46)])
+def test_token_term_of_the_presets_matches_the_reference_formula(preset, layers, scale):
+    """SD1.5's default is the reference exactly (sum over its 10 layers at 1e-3); SDXL's 46-layer sum is brought to that scale."""
+    from comat_core.config import load_config
+
+    lc = load_config(preset).train.losses
+    g = torch.Generator().manual_seed(layers)
+    maps = {f"layer{i}": torch.rand(1, (8 if i % 2 else 16) ** 2, 6, generator=g).softmax(-1) for i in range(layers)}
+    mask = torch.zeros(32, 32)
+    mask[4:20, 8:24] = 1
+    tokens = [2, 3]
+    token, _ = attribute_concentration_loss(maps, [[EntityTarget(tokens, mask)]], layer_scale=lc.token_loss_layer_scale)
+    expected = _reference_token_term(maps, mask, tokens, lc.token_weight) * scale
+    assert lc.token_weight == 1e-3
+    assert lc.token_weight * token.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_attribute_loss_gradient_and_no_entities():

@@ -25,7 +25,7 @@ from comat_core.method.trainer import StepInputs, build_training, generator_loss
 from lora_helpers import perturb_lora
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-FAST = ["train.num_inference_steps=4", "train.grad_steps=2", "train.losses.attribute_steps=2"]
+FAST = ["train.num_inference_steps=4", "gan_gt.num_inference_steps=4", "train.grad_steps=2", "train.losses.attribute_steps=2"]
 PROMPTS = ["a red cube and a blue sphere", "a green bench"]
 # ops that make the host wait for the GPU (a value read back, or a tensor built from host data,
 # which is a blocking host-to-device copy on a GPU)

@@ -14,18 +14,18 @@ from comat_core.store.storage import ArtifactStore
 GOLDEN = {
     "tiny": {
         "prompts": "ad380373c5e45a06",
-        "gan_gt": "59785cf015e3ccec",
-        "masks": "e0076ca9c95c5380",
-        "train": "8c07a87eb23607c9",
-        "evaluate": "9ab03ac363f6d6a3",
+        "gan_gt": "eae5b1fee707b4f0",
+        "masks": "12813c9bda3e7f94",
+        "train": "c1b6c8b36ad57432",
+        "evaluate": "78865a67aeb69398",
     },
     "tiny-sdxl": {
         "prompts": "c08363a860831ed5",
         "sdxl_prefinetune": "289f4fd7e2b0640f",
-        "gan_gt": "9a79dc55f9ee7675",
-        "masks": "24e52772a26875a2",
-        "train": "ce3bd868830cf8a0",
-        "evaluate": "1c75a3583901bac0",
+        "gan_gt": "77b657706ae20674",
+        "masks": "5d1db7e18f794b07",
+        "train": "a63503f80be9a936",
+        "evaluate": "3483ef7258d26012",
     },
 }
 

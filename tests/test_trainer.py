@@ -40,7 +40,7 @@ from comat_core.method.trainer import (
 from lora_helpers import perturb_lora
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-FAST = ["train.num_inference_steps=4", "train.grad_steps=2", "train.losses.attribute_steps=2"]
+FAST = ["train.num_inference_steps=4", "gan_gt.num_inference_steps=4", "train.grad_steps=2", "train.losses.attribute_steps=2"]
 
 
 def _records():
@@ -65,7 +65,7 @@ def _sources(records=None) -> TrainingSources:
     latents = {r["prompt_id"]: torch.randn(4, 8, 8, generator=g) for r in records}
     by_id = {r["prompt_id"]: r for r in records}
 
-    def entity_masks(ids, resolution):
+    def entity_masks(ids, resolution, samples=None):
         out = []
         for pid in ids:
             masks = []
@@ -80,7 +80,7 @@ def _sources(records=None) -> TrainingSources:
             out.append(masks)
         return out
 
-    return TrainingSources(records, lambda ids: torch.stack([latents[i] for i in ids]), entity_masks)
+    return TrainingSources(records, lambda ids, samples=None: torch.stack([latents[i] for i in ids]), entity_masks)
 
 
 

@@ -47,8 +47,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from comat_core.models.backbones import Backbone, Conditioning
 from comat_core.errors import ConfigError
+from comat_core.models.backbones import Backbone, Conditioning
+from comat_core.models.generation import BatchNoise, SeededNoise
+
+Noise = BatchNoise | SeededNoise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,7 +250,7 @@ class DifferentiableSampler:
         self,
         cond: Conditioning,
         plan: SamplingPlan,
-        noise_generator: torch.Generator,
+        noise: "torch.Generator | Noise",
         *,
         gt_latents: torch.Tensor | None = None,
         attention=None,
@@ -255,17 +258,20 @@ class DifferentiableSampler:
     ) -> SampleOutput:
         """Run the T steps for the prompts in ``cond`` following ``plan``.
 
-        ``noise_generator`` (on the backbone's device) draws the initial latents (unless ``latents``
-        gives them), the DDPM variance noise and the Mixed Latent noise, in that order of use.
+        ``noise`` draws the initial latents (unless ``latents`` gives them), the DDPM variance noise and
+        the Mixed Latent noise, in that order of use: a generator on the backbone's device (batch
+        draws), or per-sample streams (:class:`~comat_core.models.generation.SeededNoise`, the
+        gan_gt draws replayed).
         ``attention`` is an ``AttentionCapture`` (or None: no maps are captured).
         """
         backbone, schedule = self.backbone, self.schedule
+        noise_source = BatchNoise(noise) if isinstance(noise, torch.Generator) else noise
         batch = len(cond)
         device = backbone.device
         cfg_cond = Conditioning.cat([backbone.null_conditioning(batch), cond])
         shape = (batch, *backbone.latent_shape())
         if latents is None:
-            latents = torch.randn(shape, generator=noise_generator, device=device) * schedule.init_noise_sigma
+            latents = noise_source.randn(shape, device) * schedule.init_noise_sigma
         elif tuple(latents.shape) != shape:
             raise ValueError(f"initial latents have shape {tuple(latents.shape)}, expected {shape}")
         grad_set = set(plan.grad_indices)
@@ -278,7 +284,7 @@ class DifferentiableSampler:
         maps: list[dict[str, torch.Tensor]] = []
         for i in range(begin, len(schedule)):
             if i == plan.mix_index:
-                latents = self._mix(latents, gt_latents, plan.mixed, i, noise_generator)
+                latents = self._mix(latents, gt_latents, plan.mixed, i, noise_source)
             with_grad = i in grad_set
             with torch.set_grad_enabled(with_grad):
                 unet_in = latents if (with_grad and self.backprop_through_unet_input) else latents.detach()
@@ -287,10 +293,8 @@ class DifferentiableSampler:
                 if capture:
                     maps.append(attention.pop())
             with torch.set_grad_enabled(i >= first_grad):
-                noise = None
-                if schedule.needs_noise(i):
-                    noise = torch.randn(shape, generator=noise_generator, device=device)
-                latents = schedule.step(eps, i, latents, noise)
+                variance_noise = noise_source.randn(shape, device) if schedule.needs_noise(i) else None
+                latents = schedule.step(eps, i, latents, variance_noise)
         return SampleOutput(latents, maps, plan)
 
     def _guided_noise(self, latents: torch.Tensor, i: int, cfg_cond: Conditioning, attention) -> torch.Tensor:
@@ -305,14 +309,13 @@ class DifferentiableSampler:
         eps_uncond, eps_cond = eps.chunk(2)
         return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
 
-    def _mix(self, latents, gt_latents, mixed, i, noise_generator) -> torch.Tensor:
+    def _mix(self, latents, gt_latents, mixed, i, noise_source: Noise) -> torch.Tensor:
         """Mixed Latent: mixed samples restart from their ground-truth latent noised to ``timesteps[i]``.
 
         ``sqrt(abar_t) * z_gt + sqrt(1 - abar_t) * eps``, as ``DDPMScheduler.add_noise``.
         """
         device = latents.device
         gt = gt_latents.to(device=device, dtype=latents.dtype, non_blocking=True)
-        noise = torch.randn(gt.shape, generator=noise_generator, device=device)
-        noised = self.schedule.add_noise(gt, noise, i)
+        noised = self.schedule.add_noise(gt, noise_source.randn_rows(gt.shape, device, mixed), i)
         rows = [noised[b: b + 1] if m else latents[b: b + 1] for b, m in enumerate(mixed)]
         return torch.cat(rows)

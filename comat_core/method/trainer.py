@@ -70,6 +70,7 @@ from comat_core.method.losses.attribute import EntityTarget, attribute_concentra
 from comat_core.method.losses.fidelity import discriminator_gan_loss, generator_gan_loss
 from comat_core.models.lora import add_lora, export_lora, load_lora_state_dict, lora_state_dict
 from comat_core.method.sampler import DifferentiableSampler
+from comat_core.models.generation import SeededNoise
 from comat_core.runtime import DTYPES, mixed_precision, resolve_device
 from comat_core.store.storage import StageWriter
 
@@ -86,25 +87,37 @@ LOSS_TERMS = ("concept", "token", "pixel", "gan_g")
 
 @dataclass
 class TrainingSources:
-    """What the train stage reads: prompt records that have ground-truth latents, and two readers.
+    """What the train stage reads: prompt records that have ground-truth latents, and the readers.
 
-    ``gt_latents(prompt_ids) -> Tensor[N, 4, h, w]``; ``entity_masks(prompt_ids, resolution) ->
-    list[list[EntityMask]]`` (None: no masks, attribute concentration is skipped).
+    Every reader takes prompt ids and, per id, a gan_gt sample index (``gan_gt.samples_per_prompt``):
+    ``gt_latents(prompt_ids, samples) -> Tensor[N, 4, h, w]``; ``seeds(prompt_ids, samples)``: the
+    gan_gt seed of each sample (its noise is replayed with ``train.attribute_masks: gt_noise``);
+    ``entity_masks(prompt_ids, resolution, samples) -> list[list[EntityMask]]`` (None: no offline
+    masks); ``samples(prompt_id)``: the sample indices stored for a prompt. ``segment(images,
+    records, resolution)`` segments online images (``train.attribute_masks: online``) into, per image,
+    its ``EntityMask`` list at ``resolution``.
     """
 
     prompts: list[dict]
-    gt_latents: Callable[[list[str]], torch.Tensor]
-    entity_masks: Callable[[list[str], int], list[list[Any]]] | None = None
+    gt_latents: Callable[..., torch.Tensor]
+    entity_masks: Callable[..., list[list[Any]]] | None = None
+    seeds: Callable[[list[str], list[int]], list[int]] | None = None
+    samples: Callable[[str], list[int]] | None = None
+    segment: Callable[[torch.Tensor, list[dict], int], list[list[Any]]] | None = None
 
 
 @dataclass
 class StepInputs:
-    """One micro-batch: prompts, their ground-truth latents and their attribute targets."""
+    """One micro-batch: prompts, the gan_gt samples they replay, ground-truth latents, attribute targets."""
 
     prompt_ids: list[str]
     texts: list[str]
     gt_latents: torch.Tensor
     targets: list[list[EntityTarget]] | None = None
+    samples: list[int] = field(default_factory=list)  # gan_gt sample index of each prompt
+    seeds: list[int] | None = None  # gan_gt seed of each sample: its noise, replayed (gt_noise)
+    records: list[dict] = field(default_factory=list)
+    online_targets: Callable[[torch.Tensor], list[list[EntityTarget]]] | None = None  # online masks: image -> targets
 
 
 class PromptOrder:
@@ -130,6 +143,10 @@ class PromptOrder:
     def take(self, position: int, count: int) -> list[int]:
         return [self.permutation(p // self.n)[p % self.n] for p in range(position, position + count)]
 
+    def epochs(self, position: int, count: int) -> list[int]:
+        """The epoch of each stream position ``position .. +count``."""
+        return [p // self.n for p in range(position, position + count)]
+
 
 class TrainingData:
     """Turns prompt indices into ``StepInputs``: texts, ground-truth latents, entity targets.
@@ -142,27 +159,46 @@ class TrainingData:
     """
 
     def __init__(self, sources: TrainingSources, tokenizer, mask_resolution: int, drop_undetected: bool = True,
-                 with_targets: bool = True):
+                 with_targets: bool = True, seed: int = 0, online: bool = False):
         self.sources = sources
         self.records = sources.prompts
         self.tokenizer = tokenizer
         self.mask_resolution = mask_resolution
         self.drop_undetected = drop_undetected
-        self.with_targets = with_targets and sources.entity_masks is not None
+        self.online = online and with_targets
+        if self.online and sources.segment is None:
+            raise ConfigError("train.attribute_masks=online needs a segmenter (masks.backend) for the online images")
+        self.with_targets = with_targets and sources.entity_masks is not None and not self.online
+        self.seed = seed
         self._tokens: dict[tuple[str, int], list[int]] = {}
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def inputs(self, indices: list[int]) -> StepInputs:
+    def visit_sample(self, index: int, epoch: int) -> int:
+        """The gan_gt sample a visit of prompt ``index`` in ``epoch`` uses: the prompt's samples in turn, from a
+        per-prompt offset, so every sample is used once per N epochs and one epoch mixes them across prompts."""
+        samples = self.sources.samples(str(self.records[index]["prompt_id"])) if self.sources.samples else [0]
+        offset = int(np.random.SeedSequence([self.seed, index]).generate_state(1)[0])
+        return samples[(epoch + offset) % len(samples)]
+
+    def inputs(self, indices: list[int], epochs: list[int] | None = None) -> StepInputs:
         records = [self.records[i] for i in indices]
         ids = [str(r["prompt_id"]) for r in records]
-        latents = self.sources.gt_latents(ids)
+        samples = [self.visit_sample(i, e) for i, e in zip(indices, epochs or [0] * len(indices))]
+        latents = self.sources.gt_latents(ids, samples)
+        seeds = self.sources.seeds(ids, samples) if self.sources.seeds is not None else None
         targets = None
         if self.with_targets:
-            masks = self.sources.entity_masks(ids, self.mask_resolution)
+            masks = self.sources.entity_masks(ids, self.mask_resolution, samples)
             targets = [self._targets(r, m) for r, m in zip(records, masks)]
-        return StepInputs(ids, [str(r["text"]) for r in records], latents, targets)
+        online = (lambda images: self.online_targets(images, records)) if self.online else None
+        return StepInputs(ids, [str(r["text"]) for r in records], latents, targets, samples, seeds, records, online)
+
+    def online_targets(self, images: torch.Tensor, records: list[dict]) -> list[list[EntityTarget]]:
+        """Attribute targets from segmenting ``images`` (the online images, detached) with ``sources.segment``."""
+        masks = self.sources.segment(images.detach(), records, self.mask_resolution)
+        return [self._targets(record, m) for record, m in zip(records, masks)]
 
     def _targets(self, record: dict, masks: list[Any]) -> list[EntityTarget]:
         out = []
@@ -336,23 +372,40 @@ def step_generators(seed: int, process: int, micro: int, device: torch.device) -
 
 def generator_losses(tr: Training, inputs: StepInputs, cpu_gen: torch.Generator,
                      noise_gen: torch.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Sample with gradients and compute the unweighted loss terms whose weight is not 0."""
+    """Sample with gradients and compute the unweighted loss terms whose weight is not 0.
+
+    The noise: with ``train.attribute_masks: gt_noise`` each sample replays its gan_gt sample's draws
+    (``SeededNoise`` of its seed), else fresh batch noise from ``noise_gen``. With ``online`` the
+    attribute targets come from segmenting this step's own image (detached) after sampling.
+    """
     lc = tr.cfg.train.losses
     cond = tr.backbone.encode_prompts(inputs.texts)
     gt = inputs.gt_latents.to(tr.device, torch.float32, non_blocking=True)
     plan = tr.sampler.plan(len(inputs.texts), cpu_gen, with_ground_truth=True)
-    has_targets = inputs.targets is not None and any(inputs.targets)
+    online = inputs.online_targets is not None
+    has_targets = online or (inputs.targets is not None and any(inputs.targets))
     attention = tr.attention if has_targets else None
+    noise = noise_gen
+    if tr.cfg.train.attribute_masks == "gt_noise" and inputs.seeds is not None:
+        noise = SeededNoise(inputs.seeds)
     terms: dict[str, torch.Tensor] = {}
     with tr.accelerator.autocast():
-        out = tr.sampler.sample(cond, plan, noise_gen, gt_latents=gt, attention=attention)
+        out = tr.sampler.sample(cond, plan, noise, gt_latents=gt, attention=attention)
+        images = None
         if tr.concept is not None:
-            terms["concept"] = tr.concept(tr.backbone.decode(out.latents), inputs.texts, cpu_gen)
+            images = tr.backbone.decode(out.latents)
+            terms["concept"] = tr.concept(images, inputs.texts, cpu_gen)
         if tr.attention is not None:
+            targets = inputs.targets
+            if online and out.attention_maps:
+                if images is None:
+                    with torch.no_grad():
+                        images = tr.backbone.decode(out.latents)
+                targets = inputs.online_targets(images.detach().float())
             zero = out.latents.new_zeros(())
             token, pixel = zero, zero
             for maps in out.attention_maps:
-                t, p = attribute_concentration_loss(maps, inputs.targets, lc.token_loss_mean_over_layers)
+                t, p = attribute_concentration_loss(maps, targets, lc.token_loss_layer_scale)
                 token, pixel = token + t, pixel + p
             terms["token"], terms["pixel"] = token, pixel
         if tr.discriminator is not None:
@@ -629,7 +682,8 @@ def train(cfg: ComatConfig, sources: TrainingSources, writer: StageWriter, scrat
     accelerator = make_accelerator(cfg, Path(scratch) / "logs")
     tr = build_training(cfg, accelerator, unet_override)
     data = TrainingData(sources, tr.backbone.tokenizer, tr.backbone.latent_shape()[-1],
-                        tc.losses.drop_undetected_nouns, with_targets=tr.attention is not None)
+                        tc.losses.drop_undetected_nouns, with_targets=tr.attention is not None, seed=tc.seed,
+                        online=tc.attribute_masks == "online")
     order = PromptOrder(len(data), tc.seed)
     processes, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     global_batch = tc.batch_size * processes * tc.gradient_accumulation_steps
@@ -642,10 +696,11 @@ def train(cfg: ComatConfig, sources: TrainingSources, writer: StageWriter, scrat
     while loop.step < tc.max_steps:
         step, epoch = loop.step, loop.position // len(data)
         positions = order.take(loop.position, global_batch)
+        epochs = order.epochs(loop.position, global_batch)
         micro = []
         for m in range(tc.gradient_accumulation_steps):
             offset = (m * processes + rank) * tc.batch_size
-            micro.append(data.inputs(positions[offset: offset + tc.batch_size]))
+            micro.append(data.inputs(positions[offset: offset + tc.batch_size], epochs[offset: offset + tc.batch_size]))
         _reset_peak_memory(tr.device)
         t0 = time.perf_counter()
         logs = train_step(tr, micro, step_seed(tc.seed, step))
@@ -653,7 +708,8 @@ def train(cfg: ComatConfig, sources: TrainingSources, writer: StageWriter, scrat
         loop.position += global_batch
         logs.update(step=loop.step, step_seconds=time.perf_counter() - t0, peak_memory_mb=_peak_memory_mb(tr.device),
                     epoch=epoch, data_position=loop.position,
-                    prompt_ids=",".join(str(data.records[i]["prompt_id"]) for i in positions))
+                    prompt_ids=",".join(str(data.records[i]["prompt_id"]) for i in positions),
+                    gt_samples=",".join(str(data.visit_sample(i, e)) for i, e in zip(positions, epochs)))
         loop.metrics.append(logs)
         if main and (loop.step % tc.log_every == 0 or loop.step == tc.max_steps):
             accelerator.log(_numeric(logs), step=loop.step)

@@ -6,9 +6,11 @@ on the model family. A backbone wraps a frozen diffusers pipeline and offers:
 * ``encode_prompts(prompts)`` -> :class:`Conditioning` (SD v1: the CLIP text embeddings; SDXL: the
   two encoders' concatenated embeddings, the pooled embedding of the second encoder and the six
   micro-conditioning ``add_time_ids`` = (res, res) original size, crop (0, 0), (res, res) target size),
-* ``null_conditioning(batch)``: the empty prompt encoded the same way (METHOD.md §2.1: "the empty
-  negative prompt", as the reference does for both families; SDXL's inference-time
-  ``force_zeros_for_empty_prompt`` is *not* applied, as in the reference training code),
+* ``null_conditioning(batch)``: the unconditional branch exactly as the model's own pipeline builds it
+  for an empty negative prompt: SD v1 encodes ""; the SDXL base, whose config sets
+  ``force_zeros_for_empty_prompt``, uses zero embeddings (prompt and pooled). One definition for
+  gan_gt, training and evaluation (the reference trainer encoded "" for SDXL while its inference used
+  zeros, so the LoRA was trained under another guidance than it is used with),
 * ``unet_call(latents, t, cond)`` -> noise prediction (classifier-free guidance belongs to the
   sampler, which passes the ``[uncond, cond]`` batch),
 * ``decode(latents)`` -> images in [0, 1] with autograd (``decode_to_unit_range=False`` reproduces
@@ -16,7 +18,7 @@ on the model family. A backbone wraps a frozen diffusers pipeline and offers:
 * ``scheduler``: a ``DDPMScheduler`` built from the model's own scheduler config,
 * ``latent_shape(res)`` and ``vae_scale``.
 
-Performance (issue 8; the reference measurements are in ``../shared/bench/REFERENCE_RESULTS.md``):
+Performance (measured against a reference-style step; see ``benchmarks/RESULTS.md``):
 
 * timesteps reach the UNet as 0-d tensors cached on the device, one per timestep value. Given a
   Python int, diffusers builds ``torch.tensor([t], device=...)`` on every call, a blocking
@@ -159,10 +161,20 @@ class Backbone:
         return Conditioning(embeds.to(self.dtype), pooled.to(self.dtype), time_ids)
 
     def null_conditioning(self, batch: int) -> Conditioning:
-        """The empty prompt, encoded once and expanded to ``batch`` rows."""
+        """The unconditional branch as the pipeline builds it (see the module doc), once, expanded to ``batch`` rows."""
         if self._null is None:
-            self._null = self.encode_prompts([""])
+            self._null = self._encode_negative()
         return self._null.expand(batch)
+
+    @torch.no_grad()
+    def _encode_negative(self) -> Conditioning:
+        """The pipeline's own negative embeddings for an empty prompt (``negative_prompt=None``)."""
+        if self.family == "sd15":
+            _, negative = self.pipe.encode_prompt([""], self.device, 1, do_classifier_free_guidance=True)
+            return Conditioning(negative.to(self.dtype))
+        _, negative, _, negative_pooled = self.pipe.encode_prompt(
+            [""], device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True)
+        return Conditioning(negative.to(self.dtype), negative_pooled.to(self.dtype), self.add_time_ids())
 
     def add_time_ids(self) -> torch.Tensor:
         """SDXL micro-conditioning: original size (res, res), crop (0, 0), target size (res, res)."""

@@ -1,4 +1,4 @@
-"""The ``gan_gt`` stage: one ground-truth latent per training prompt from the frozen base model (METHOD.md §5).
+"""The ``gan_gt`` stage: ground-truth latents of every training prompt from the frozen base model.
 
 The discriminator learns what the *original* model draws for the training prompts, so for every
 prompt of the ``prompts`` artifact (all of them; the reference silently stopped at 10,000) the frozen
@@ -7,11 +7,14 @@ model's own scheduler config, ``num_inference_steps`` steps, classifier-free gui
 ``guidance_scale``, ``resolution`` px, ``output_type="latent"``. Latents are stored in the *scaled*
 latent space, exactly what the UNet (and so the trainer's discriminator) sees.
 
-Reproducibility: each prompt's seed is a hash of (``gan_gt.seed``, prompt id), so it does not depend
-on prompt order or batch. Each sample gets its own CPU ``torch.Generator`` passed to the pipeline as
-a list: diffusers draws the initial noise *and* every DDPM variance noise of sample i from
-generator i (``randn_tensor`` with a list of generators), on the CPU, then moves it to the device.
-A shard therefore regenerates bit-identically on the same hardware and software.
+Samples: ``gan_gt.samples_per_prompt`` (N, default 1) samples per prompt, sample k of prompt p with
+the seed :func:`sample_seed` (a hash of ``gan_gt.seed``, p and k; sample 0's is the historical
+per-prompt seed), so seeds do not depend on prompt order or batch. Each sample gets its own CPU
+``torch.Generator`` passed to the pipeline as a list: diffusers draws the initial noise *and* every
+DDPM variance noise of sample i from generator i (the layout ``models.generation`` defines once). A
+shard therefore regenerates bit-identically on the same hardware and software, and the trainer
+(``train.attribute_masks: gt_noise``) replays a sample's draws from its stored seed: the latent is
+what the model at the LoRA's initial state draws, and the masks stage's masks describe it.
 
 Layout (shards of ``shard_size`` prompts, each committed with its own manifest, so a crash costs
 one shard and a rerun generates only the missing or corrupted ones):
@@ -20,10 +23,11 @@ one shard and a rerun generates only the missing or corrupted ones):
   lossless whatever precision generated it (fp32, bf16 or fp16 all embed exactly in fp32), so the
   stored latent *is* the model's output; it costs 64 KiB per 512-px latent (1.3 GB for the 19.9 k
   CoMat prompts), small beside the models, and the trainer casts it to its own dtype.
-* ``index-NNNNN.parquet``: ``prompt_id``, ``seed``, ``row`` (the row in that shard's tensor).
+* ``index-NNNNN.parquet``: ``prompt_id``, ``sample`` (0..N-1), ``seed``, ``row`` (the row in that
+  shard's tensor).
 * ``preview.png``: a grid of the first ``preview_images`` decoded latents, for the UI.
 
-``GanGtReader`` gives the trainer and the ``masks`` stage latents by prompt id.
+``GanGtReader`` gives the trainer and the ``masks`` stage latents and seeds by (prompt id, sample).
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ from comat_core.store.shards import check_fail_hook, part_summary, shards_to_do
 
 log = logging.getLogger("comat.gan_gt")
 
-INDEX_SCHEMA = pa.schema([("prompt_id", pa.string()), ("seed", pa.int64()), ("row", pa.int32())])
+INDEX_SCHEMA = pa.schema([("prompt_id", pa.string()), ("sample", pa.int32()), ("seed", pa.int64()),
+                          ("row", pa.int32())])
 PREVIEW = "preview.png"
 
 
@@ -61,8 +66,16 @@ def index_file(n: int) -> str:
 
 
 def prompt_seed(global_seed: int, prompt_id: str) -> int:
-    """The seed of one prompt's sample: a hash of the stage seed and the prompt id (order-independent)."""
+    """The seed of a prompt's first sample: a hash of the stage seed and the prompt id (order-independent)."""
     digest = hashlib.sha256(f"gan_gt:{global_seed}:{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def sample_seed(global_seed: int, prompt_id: str, sample: int) -> int:
+    """The seed of sample ``sample`` of a prompt (sample 0: :func:`prompt_seed`)."""
+    if sample == 0:
+        return prompt_seed(global_seed, prompt_id)
+    digest = hashlib.sha256(f"gan_gt:{global_seed}:{prompt_id}:{sample}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
 
 
@@ -147,14 +160,15 @@ def run(ctx) -> dict:
     prompts = read_prompts(ctx.inputs["prompts"])
     if not prompts:
         raise InputError("the prompts stage holds no prompts; gan_gt has nothing to generate")
-    shards = [prompts[i : i + gcfg.shard_size] for i in range(0, len(prompts), gcfg.shard_size)]
+    work = [(p, k) for p in prompts for k in range(gcfg.samples_per_prompt)]
+    shards = [work[i : i + gcfg.shard_size] for i in range(0, len(work), gcfg.shard_size)]
     names = [shard_name(n) for n in range(len(shards))]
     pending = shards_to_do(ctx, names)
     reused = len(shards) - len(pending)
     device = resolve_device(ctx.cfg)
     speed = _Throughput()
     pipe = None
-    bar = tqdm(total=len(prompts), initial=len(prompts) - sum(len(shards[n]) for n in pending), unit="img",
+    bar = tqdm(total=len(work), initial=len(work) - sum(len(shards[n]) for n in pending), unit="img",
                desc="gan_gt", dynamic_ncols=True)
     try:
         for n in pending:
@@ -174,15 +188,17 @@ def run(ctx) -> dict:
     preview = _write_preview(ctx, vae, first, device)
     del vae
     free_memory()
-    return {"prompts": len(prompts), "shards": len(shards), "shards_generated": len(pending),
+    return {"prompts": len(prompts), "samples_per_prompt": gcfg.samples_per_prompt, "samples": len(work),
+            "shards": len(shards), "shards_generated": len(pending),
             "shards_reused": reused, "images_generated": speed.images,
             "images_per_s": round(speed.per_second, 4), "latent_shape": list(first.shape[1:]),
             "latent_dtype": "float32", "preview": preview}
 
 
-def _generate_shard(ctx, pipe, n: int, prompts: list[dict], speed: _Throughput, bar) -> None:
+def _generate_shard(ctx, pipe, n: int, work: list[tuple[dict, int]], speed: _Throughput, bar) -> None:
     gcfg = ctx.cfg.gan_gt
-    seeds = [prompt_seed(gcfg.seed, p["prompt_id"]) for p in prompts]
+    seeds = [sample_seed(gcfg.seed, p["prompt_id"], k) for p, k in work]
+    prompts = [p for p, _ in work]
     chunks = []
     t0 = time.perf_counter()
     for i in range(0, len(prompts), gcfg.batch_size):
@@ -195,7 +211,8 @@ def _generate_shard(ctx, pipe, n: int, prompts: list[dict], speed: _Throughput, 
         bar.update(len(batch))
         ctx.progress(bar.n, bar.total, f"gan_gt: {speed.per_second:.2f} images/s")
     latents = torch.cat(chunks)
-    rows = [{"prompt_id": p["prompt_id"], "seed": s, "row": r} for r, (p, s) in enumerate(zip(prompts, seeds))]
+    rows = [{"prompt_id": p["prompt_id"], "sample": k, "seed": s, "row": r}
+            for r, ((p, k), s) in enumerate(zip(work, seeds))]
     # one metadata key: safetensors writes metadata in hash-map order, so several keys change the bytes
     ctx.writer.put_tensors(latents_file(n), {"latents": latents}, metadata={"space": "scaled"})
     ctx.writer.put_table(index_file(n), pa.Table.from_pylist(rows, schema=INDEX_SCHEMA))
@@ -205,7 +222,7 @@ def _generate_shard(ctx, pipe, n: int, prompts: list[dict], speed: _Throughput, 
                              "images_per_s": round(len(prompts) / seconds, 4) if seconds > 0 else None})
 
 
-def _first_latents(ctx, shards: list[list[dict]], count: int) -> torch.Tensor:
+def _first_latents(ctx, shards: list[list], count: int) -> torch.Tensor:
     """The first ``count`` latents (at least one), read from the committed shards (verified by ``shard_done``)."""
     from safetensors.torch import load
 
@@ -250,7 +267,7 @@ def image_grid(images: torch.Tensor):
 
 
 class GanGtReader:
-    """Ground-truth latents of a completed ``gan_gt`` stage, by prompt id.
+    """Ground-truth latents and seeds of a completed ``gan_gt`` stage, by (prompt id, sample).
 
     The index (every shard's ``index-*.parquet``) is read once; ``latents`` reads only the shards it
     needs and keeps the last ``max_cached_shards`` of them in memory (every read is sha256-verified
@@ -262,9 +279,12 @@ class GanGtReader:
         self.max_cached_shards = max_cached_shards
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._index = self._read_index()
-        self._where = {pid: (shard, row) for pid, shard, row in
-                       zip(self._index["prompt_id"].to_pylist(), self._index["shard"].to_pylist(),
-                           self._index["row"].to_pylist())}
+        columns = [self._index[c].to_pylist() for c in ("prompt_id", "sample", "shard", "row", "seed")]
+        self._where = {(pid, k): (shard, row) for pid, k, shard, row, _ in zip(*columns)}
+        self._seed = {(pid, k): seed for pid, k, _, _, seed in zip(*columns)}
+        self._samples: dict[str, list[int]] = {}
+        for pid, k in sorted(self._where, key=lambda key: key[1]):
+            self._samples.setdefault(pid, []).append(k)
 
     def _read_index(self) -> pa.Table:
         tables = []
@@ -273,27 +293,41 @@ class GanGtReader:
             table = self.reader.read_table(rel)
             tables.append(table.append_column("shard", pa.array([shard] * table.num_rows, pa.int32())))
         if not tables:
-            return pa.table({"prompt_id": pa.array([], pa.string()), "seed": pa.array([], pa.int64()),
-                             "row": pa.array([], pa.int32()), "shard": pa.array([], pa.int32())})
+            return pa.table({"prompt_id": pa.array([], pa.string()), "sample": pa.array([], pa.int32()),
+                             "seed": pa.array([], pa.int64()), "row": pa.array([], pa.int32()),
+                             "shard": pa.array([], pa.int32())})
         return pa.concat_tables(tables)
 
     def index(self) -> pa.Table:
-        """Every stored latent: ``prompt_id``, ``seed``, ``row``, ``shard``."""
+        """Every stored latent: ``prompt_id``, ``sample``, ``seed``, ``row``, ``shard``."""
         return self._index
 
     def prompt_ids(self) -> list[str]:
-        return self._index["prompt_id"].to_pylist()
+        """Each prompt that has a latent, once, in stored order."""
+        return list(self._samples)
+
+    def samples(self, prompt_id: str) -> list[int]:
+        """The sample indices stored for a prompt (``0 .. samples_per_prompt - 1``)."""
+        return self._samples.get(prompt_id, [])
 
     def __contains__(self, prompt_id: str) -> bool:
-        return prompt_id in self._where
+        return prompt_id in self._samples
 
-    def latents(self, prompt_ids: list[str]) -> torch.Tensor:
-        """``[N, 4, h, w]`` float32 scaled latents, in the order of ``prompt_ids``."""
-        missing = [p for p in prompt_ids if p not in self._where]
+    def _keys(self, prompt_ids: list[str], samples: list[int] | None) -> list[tuple[str, int]]:
+        keys = list(zip(prompt_ids, samples if samples is not None else [0] * len(prompt_ids)))
+        missing = [k for k in keys if k not in self._where]
         if missing:
-            raise InputError(f"gan_gt at {self.reader.url} has no latent for prompt id(s) {missing[:3]}; "
+            raise InputError(f"gan_gt at {self.reader.url} has no latent for (prompt id, sample) {missing[:3]}; "
                              "rerun gan_gt on the current prompts")
-        return torch.stack([self._shard(self._where[p][0])[self._where[p][1]] for p in prompt_ids])
+        return keys
+
+    def seeds(self, prompt_ids: list[str], samples: list[int] | None = None) -> list[int]:
+        """The seed each sample was drawn with (``sample_seed``), to replay its noise."""
+        return [self._seed[k] for k in self._keys(prompt_ids, samples)]
+
+    def latents(self, prompt_ids: list[str], samples: list[int] | None = None) -> torch.Tensor:
+        """``[N, 4, h, w]`` float32 scaled latents of (prompt id, sample) (sample 0 when not given), in order."""
+        return torch.stack([self._shard(self._where[k][0])[self._where[k][1]] for k in self._keys(prompt_ids, samples)])
 
     def _shard(self, shard: int) -> torch.Tensor:
         if shard in self._cache:

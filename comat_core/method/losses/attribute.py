@@ -1,4 +1,4 @@
-"""Attribute concentration: keep each entity's attention inside its object's mask (METHOD.md §4).
+"""Attribute concentration: keep each entity's attention inside its object's mask.
 
 For every entity (a noun and its attribute words) we know the text-encoder token positions and a
 binary mask of the object. With ``A`` the head-averaged cross-attention map of one token:
@@ -11,14 +11,17 @@ binary mask of the object. With ``A`` the head-averaged cross-attention map of o
 Exactness notes (reference: CaraJ7/CoMat ``attn_utils/tc_loss_utils.py`` and
 ``attr_concen_utils/gsam_interface.py``):
 
-* Layers: the token loss is summed over layers (``mean_over_layers=False``); the pixel loss is
-  summed over resolutions. ``mean_over_layers=True`` (the **Decision**, default) divides the token
-  loss by the number of layers, so SDXL's 46 layers weigh like SD1.5's 10.
+* Layers: the token loss is summed over the captured layers (``layer_scale="sum"``, the reference:
+  SD1.5's 10 layers at weight 1e-3 is the published recipe); the pixel loss is summed over
+  resolutions. ``layer_scale="sd15"`` (the **Decision** for SDXL) multiplies the sum by
+  ``10 / layers``, so SDXL's 46-layer sum weighs like SD1.5's 10 instead of 4.6 times more. A mean
+  over layers would make SD1.5's term 10 times weaker than the recipe, and nearly inert under the
+  0.1 gradient clip.
 * Batch: both losses are divided by the batch size, counting images without entities (they add 0).
 * Steps: the reference sums the losses of its captured steps; call this once per captured step
   and add the results.
 * Heads: the reference takes the token ratio per head and averages over heads before squaring;
-  we use the head-averaged map (METHOD.md §4: maps averaged over heads), which the capture records.
+  we use the head-averaged map (the maps are averaged over heads), which the capture records.
 * Mask resize: the reference resizes the mask with torchvision's antialiased bilinear ``Resize``
   and keeps every cell that gets any mask weight (``> 0``): a cell is on when the object touches
   it or comes within half a cell of it. :func:`resize_mask` does the same; a mask already at the
@@ -39,6 +42,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+SD15_LAYERS = 10  # cross-attention layers SD1.5 captures (mid block and up blocks 1-3): the recipe's scale
 
 
 @dataclass
@@ -128,14 +133,17 @@ def _entities_at_resolutions(
 
 
 def attribute_concentration_loss(
-    maps: dict[str, Tensor], targets: list[list[EntityTarget]], mean_over_layers: bool = True
+    maps: dict[str, Tensor], targets: list[list[EntityTarget]], layer_scale: str = "sum"
 ) -> tuple[Tensor, Tensor]:
     """Unweighted ``(token_loss, pixel_loss)`` for one captured step.
 
     ``maps``: layer name -> ``[B, h*w, T]`` (as ``AttentionCapture.pop()`` returns them);
     ``targets``: per image, its entities (possibly none). Both losses are averaged over the batch
-    (images without entities count as 0); zeros when no image has an entity.
+    (images without entities count as 0); zeros when no image has an entity. ``layer_scale``: "sum"
+    (the reference) or "sd15" (the sum times ``SD15_LAYERS / len(maps)``).
     """
+    if layer_scale not in ("sum", "sd15"):
+        raise ValueError(f"layer_scale must be 'sum' or 'sd15', got {layer_scale!r}")
     if not maps or not any(targets):
         zero = _zero(maps)
         return zero, zero.clone()
@@ -158,6 +166,6 @@ def attribute_concentration_loss(
         token_total.append(torch.stack([token_loss(m[b], at[m.shape[1]]) for m in maps.values()]).sum())
         pixel_total.append(torch.stack([pixel_loss(m[b], at[hw]) for hw, m in resolution_maps.items()]).sum())
     tokens = torch.stack(token_total).sum() / batch
-    if mean_over_layers:
-        tokens = tokens / len(maps)
+    if layer_scale == "sd15":
+        tokens = tokens * (SD15_LAYERS / len(maps))
     return tokens, torch.stack(pixel_total).sum() / batch

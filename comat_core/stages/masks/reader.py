@@ -1,10 +1,11 @@
 """Entity masks of a completed ``masks`` stage, for the trainer, at the resolution it asks for.
 
-``MaskReader(stage_reader).entity_masks(prompt_ids, resolution)`` returns, per prompt, one
+``MaskReader(stage_reader).entity_masks(prompt_ids, resolution, samples)`` returns, per (prompt,
+sample) (sample 0 when not given), one
 ``EntityMask`` per entity the stage kept (background and repeated nouns were dropped there, so
 they are absent here): ``detected`` and, when detected, the mask as a ``[res, res]`` float tensor
-of 0/1. An undetected entity has ``mask=None`` (METHOD.md §4 **Decision**: it is dropped from the
-loss, not supervised with an all-zero mask). A prompt with no kept entity gets an empty list.
+of 0/1. An undetected entity has ``mask=None`` (**Decision**: it is dropped from the loss, not
+supervised with an all-zero mask as the reference does). A prompt with no kept entity gets an empty list.
 
 Resizing (``resize_mask``): masks are stored at the image resolution (512 for the real presets) and
 the trainer asks for its attention resolutions (8/16/32/64). Shrinking uses **area** averaging and
@@ -56,25 +57,28 @@ class MaskReader:
     def __init__(self, stage_reader, max_cached_shards: int | None = 16):
         self.reader = stage_reader
         self.max_cached_shards = max_cached_shards
-        self._cache: OrderedDict[int, dict[str, list[dict]]] = OrderedDict()
-        self._shard_of: dict[str, int] = {}
+        self._cache: OrderedDict[int, dict[tuple[str, int], list[dict]]] = OrderedDict()
+        self._shard_of: dict[tuple[str, int], int] = {}
         for rel in self.reader.list(prefix="index-", suffix=".parquet"):
             shard = int(rel[len("index-") : -len(".parquet")])
-            for pid in self.reader.read_table(rel).column("prompt_id").to_pylist():
-                self._shard_of[pid] = shard
+            table = self.reader.read_table(rel)
+            for pid, k in zip(table.column("prompt_id").to_pylist(), table.column("sample").to_pylist()):
+                self._shard_of[(pid, k)] = shard
 
     def prompt_ids(self) -> list[str]:
         """Prompts that have at least one kept entity (detected or not)."""
-        return list(self._shard_of)
+        return list(dict.fromkeys(pid for pid, _ in self._shard_of))
 
-    def rows(self, prompt_ids: list[str]) -> list[list[dict]]:
-        """The stored rows of each prompt (mask still encoded), in entity order."""
-        return [self._shard(self._shard_of[p]).get(p, []) if p in self._shard_of else [] for p in prompt_ids]
+    def rows(self, prompt_ids: list[str], samples: list[int] | None = None) -> list[list[dict]]:
+        """The stored rows of each (prompt, sample) (mask still encoded), in entity order."""
+        keys = list(zip(prompt_ids, samples if samples is not None else [0] * len(prompt_ids)))
+        return [self._shard(self._shard_of[k]).get(k, []) if k in self._shard_of else [] for k in keys]
 
-    def entity_masks(self, prompt_ids: list[str], resolution: int) -> list[list[EntityMask]]:
+    def entity_masks(self, prompt_ids: list[str], resolution: int,
+                     samples: list[int] | None = None) -> list[list[EntityMask]]:
         if resolution < 1:
             raise InputError(f"mask resolution must be positive, got {resolution}")
-        return [[self._entity(row, resolution) for row in rows] for rows in self.rows(prompt_ids)]
+        return [[self._entity(row, resolution) for row in rows] for rows in self.rows(prompt_ids, samples)]
 
     def _entity(self, row: dict, resolution: int) -> EntityMask:
         mask = None
@@ -84,13 +88,13 @@ class MaskReader:
             mask = resize_mask(stored, resolution)
         return EntityMask(int(row["entity_index"]), row["noun"], bool(row["detected"]), mask)
 
-    def _shard(self, shard: int) -> dict[str, list[dict]]:
+    def _shard(self, shard: int) -> dict[tuple[str, int], list[dict]]:
         if shard in self._cache:
             self._cache.move_to_end(shard)
             return self._cache[shard]
-        by_prompt: dict[str, list[dict]] = {}
+        by_prompt: dict[tuple[str, int], list[dict]] = {}
         for row in self.reader.read_table(f"masks-{shard:05d}.parquet").to_pylist():
-            by_prompt.setdefault(row["prompt_id"], []).append(row)
+            by_prompt.setdefault((row["prompt_id"], row["sample"]), []).append(row)
         for rows in by_prompt.values():
             rows.sort(key=lambda r: r["entity_index"])
         self._cache[shard] = by_prompt

@@ -1,20 +1,23 @@
-"""The ``masks`` stage: entity masks computed once, offline, on the ground-truth images (METHOD.md §4).
+"""The ``masks`` stage: entity masks computed once, offline, on the ground-truth images.
 
 For each prompt with entities: drop the entities whose noun is a background noun
 (``masks.background_nouns``) or occurs more than once among the prompt's nouns
 (``masks.drop_repeated_nouns``), as the reference does; decode the prompt's ``gan_gt`` latent with
 the VAE (batched, on the device); run the configured ``MaskBackend`` (Grounding DINO on the kept
-nouns, SAM on each kept box, masks of one noun OR-ed); store one row per kept entity.
+nouns, SAM on each kept box, masks of one noun OR-ed); store one row per kept entity. With
+``gan_gt.samples_per_prompt`` N > 1 every sample of a prompt is masked on its own image (the rows
+carry the ``sample`` index): the trainer supervises a sample with the masks of its own image.
 
 Layout (shards of ``masks.shard_size`` prompts that have kept entities, committed one by one like
 ``gan_gt``, so a rerun computes only missing or corrupted shards):
 
-* ``masks-NNNNN.parquet``: ``prompt_id``, ``entity_index`` (into the prompt's ``entities``),
+* ``masks-NNNNN.parquet``: ``prompt_id``, ``sample``, ``entity_index`` (into the prompt's ``entities``),
   ``noun``, ``detected``, ``boxes`` (``[[x0, y0, x1, y1], ...]`` in pixels of the decoded image),
   ``scores``, ``mask`` (bytes, see ``encoding.py``; NULL when not detected), ``mask_resolution``
   (the stored mask is ``mask_resolution``² pixels: ``masks.resolution``, default the image
   resolution) and ``encoding`` (``bitpack`` or ``rle``).
-* ``index-NNNNN.parquet``: the shard's ``prompt_id``\\ s, so the reader opens only the shards it needs.
+* ``index-NNNNN.parquet``: the shard's (``prompt_id``, ``sample``) pairs, so the reader opens only the
+  shards it needs.
 
 An entity that is not detected (no box over the thresholds, or SAM's masks empty) is stored with
 ``detected=False`` and no mask — never as an all-zero mask that the trainer would supervise.
@@ -40,6 +43,7 @@ log = logging.getLogger("comat.masks")
 
 ROW_SCHEMA = pa.schema([
     ("prompt_id", pa.string()),
+    ("sample", pa.int32()),
     ("entity_index", pa.int32()),
     ("noun", pa.string()),
     ("detected", pa.bool_()),
@@ -49,7 +53,7 @@ ROW_SCHEMA = pa.schema([
     ("mask_resolution", pa.int32()),
     ("encoding", pa.string()),
 ])
-INDEX_SCHEMA = pa.schema([("prompt_id", pa.string()), ("entities", pa.int32())])
+INDEX_SCHEMA = pa.schema([("prompt_id", pa.string()), ("sample", pa.int32()), ("entities", pa.int32())])
 
 
 def shard_name(n: int) -> str:
@@ -75,13 +79,18 @@ def kept_entities(entities: list[dict] | None, mcfg) -> tuple[list[tuple[int, st
     background = {noun_key(n) for n in mcfg.background_nouns}
     kept, dropped = [], Counter()
     for i, (entity, noun) in enumerate(zip(entities or [], nouns)):
-        if noun in background:
+        if is_background(noun, background):
             dropped["background"] += 1
         elif mcfg.drop_repeated_nouns and counts[noun] > 1:
             dropped["repeated"] += 1
         else:
             kept.append((i, entity["noun"]))
     return kept, dropped
+
+
+def is_background(noun: str, background: set[str]) -> bool:
+    """A listed background noun or its plural: the noun, or the noun without a final "s" (the reference's ``n[:-1]``)."""
+    return noun in background or (noun.endswith("s") and noun[:-1] in background)
 
 
 def caption_nouns(kept: list[tuple[int, str]]) -> list[str]:
@@ -116,6 +125,7 @@ def run(ctx) -> dict:
     missing = [p["prompt_id"] for p, _ in work if p["prompt_id"] not in gt]
     if missing:
         raise InputError(f"gan_gt has no latent for {len(missing)} prompt(s) (e.g. {missing[0]}); rerun gan_gt")
+    work = [(p, kept, k) for p, kept in work for k in gt.samples(p["prompt_id"])]  # each sample's own image
     shards = [work[i : i + mcfg.shard_size] for i in range(0, len(work), mcfg.shard_size)]
     names = [shard_name(n) for n in range(len(shards))]
     pending = shards_to_do(ctx, names)
@@ -125,7 +135,8 @@ def run(ctx) -> dict:
     metas = [ctx.writer.shard_meta(shard_name(n))["meta"] for n in range(len(shards))]
     resolutions = sorted({m["mask_resolution"] for m in metas})
     return {
-        "prompts": len(prompts), "prompts_without_entities": without, "prompts_masked": len(work),
+        "prompts": len(prompts), "prompts_without_entities": without,
+        "prompts_masked": len({p["prompt_id"] for p, _, _ in work}), "samples_masked": len(work),
         "entities_kept": sum(m["entities"] for m in metas), "entities_detected": sum(m["detected"] for m in metas),
         "entities_dropped_background": dropped["background"], "entities_dropped_repeated": dropped["repeated"],
         "shards": len(shards), "shards_generated": len(pending), "shards_reused": len(shards) - len(pending),
@@ -172,11 +183,11 @@ def _compute_shard(ctx, gt, models, n: int, work: list, tally: _Tally, bar) -> N
     for i in range(0, len(work), mcfg.batch_size):
         batch = work[i : i + mcfg.batch_size]
         t = time.perf_counter()
-        images = decode_latents(vae, gt.latents([p["prompt_id"] for p, _ in batch]))
+        images = decode_latents(vae, gt.latents([p["prompt_id"] for p, _, _ in batch], [k for _, _, k in batch]))
         resolution = mcfg.resolution or images.shape[-1]
-        results = backend.detect_and_segment(images, [caption_nouns(kept) for _, kept in batch])
-        for (prompt, kept), found in zip(batch, results):
-            rows += entity_rows(prompt["prompt_id"], kept, found, resolution, mcfg.encoding)
+        results = backend.detect_and_segment(images, [caption_nouns(kept) for _, kept, _ in batch])
+        for (prompt, kept, sample), found in zip(batch, results):
+            rows += entity_rows(prompt["prompt_id"], kept, found, resolution, mcfg.encoding, sample)
         tally.seconds += time.perf_counter() - t
         tally.images += len(batch)
         bar.set_postfix(shard=n, refresh=False)
@@ -185,7 +196,7 @@ def _compute_shard(ctx, gt, models, n: int, work: list, tally: _Tally, bar) -> N
     detected = sum(r["detected"] for r in rows)
     tally.entities += len(rows)
     tally.detected += detected
-    index = [{"prompt_id": p["prompt_id"], "entities": len(kept)} for p, kept in work]
+    index = [{"prompt_id": p["prompt_id"], "sample": k, "entities": len(kept)} for p, kept, k in work]
     ctx.writer.put_table(masks_file(n), pa.Table.from_pylist(rows, schema=ROW_SCHEMA))
     ctx.writer.put_table(index_file(n), pa.Table.from_pylist(index, schema=INDEX_SCHEMA))
     ctx.writer.commit_shard(shard_name(n), [masks_file(n), index_file(n)], {
@@ -194,7 +205,7 @@ def _compute_shard(ctx, gt, models, n: int, work: list, tally: _Tally, bar) -> N
 
 
 def entity_rows(prompt_id: str, kept: list[tuple[int, str]], found: dict, resolution: int,
-                encoding: str) -> list[dict]:
+                encoding: str, sample: int = 0) -> list[dict]:
     """One row per kept entity from the backend's per-noun result."""
     rows = []
     for entity_index, noun in kept:
@@ -202,7 +213,8 @@ def entity_rows(prompt_id: str, kept: list[tuple[int, str]], found: dict, resolu
         if mask is not None:
             mask = resize_mask(mask, resolution) > 0.5
         rows.append({
-            "prompt_id": prompt_id, "entity_index": entity_index, "noun": noun, "detected": mask is not None,
+            "prompt_id": prompt_id, "sample": sample, "entity_index": entity_index, "noun": noun,
+            "detected": mask is not None,
             "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4).tolist(),
             "scores": np.asarray(scores, dtype=np.float32).tolist(),
             "mask": encode_mask(mask.numpy(), encoding) if mask is not None else None,
