@@ -91,3 +91,23 @@ def test_parser_reads_every_template_and_rejects_the_rest():
     for bad in ["a red cat", "a circle", "a red circle and", "two red circles", ""]:
         with pytest.raises(InputError, match="shapes-world caption"):
             parse_prompt(bad)
+
+
+def test_shapes_masks_backend_returns_the_judges_objects_per_noun():
+    import torch
+
+    from comat_core.config import load_config
+    from comat_core.stages.masks.factory import make_backend
+
+    cfg = load_config("tiny", overrides=["masks.backend=shapes"])
+    backend = make_backend(cfg, torch.device("cpu"), torch.float32)
+    scene = sample_scene(np.random.default_rng(4), [("red", "circle"), ("blue", "square"), ("green", "circle")])
+    image, masks = render(scene)
+    images = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
+    (result,) = backend.detect_and_segment(images, [["circle", "square", "triangle", "red circle"]])
+    boxes, scores, mask = result["circle"]
+    assert boxes.shape == (2, 4) and scores.min() > 0.9
+    assert torch.equal(mask, torch.from_numpy(masks[0] | masks[2]))  # a bare noun: every circle
+    assert torch.equal(result["red circle"][2], torch.from_numpy(masks[0]))  # with its colour: that one only
+    assert torch.equal(result["square"][2], torch.from_numpy(masks[1]))
+    assert result["triangle"][2] is None and result["triangle"][0].shape == (0, 4)
