@@ -106,7 +106,7 @@ class GanGtConfig(_Section):
 
 
 class MasksConfig(_Section):
-    backend: Literal["hf", "gsam"] = "hf"
+    backend: Literal["hf", "gsam", "shapes"] = "hf"
     box_threshold: float = Field(0.3, ge=0, le=1)
     text_threshold: float = Field(0.25, ge=0, le=1)
     resolution: int | None = Field(None, ge=64, description="stored mask resolution, at least 64 (None: the image resolution)")

@@ -13,6 +13,10 @@ from comat_core.stages.masks.hf import load_hf_segmenter
 def make_backend(cfg, device: torch.device, precision: torch.dtype) -> MaskBackend:
     """The configured backend (``masks.backend``), models loaded by name (Hub id, local path or tiny://)."""
     mcfg = cfg.masks
+    if mcfg.backend == "shapes":  # the shapes world's judge: no detector, no SAM
+        from comat_core.stages.masks.shapes import ShapesBackend
+
+        return ShapesBackend()
     dino, processor = load_grounding_dino(cfg.models.grounding_dino, device=device, field="models.grounding_dino")
     detector = GroundingDinoDetector(dino, processor, box_threshold=mcfg.box_threshold,
                                      text_threshold=mcfg.text_threshold, max_boxes_per_noun=mcfg.max_boxes_per_noun,
@@ -24,5 +28,5 @@ def make_backend(cfg, device: torch.device, precision: torch.dtype) -> MaskBacke
 
         segmenter = load_gsam_segmenter(cfg.models.sam_model_type, cfg.models.sam_checkpoint, device, precision)
     else:  # pragma: no cover - the config validates the choice
-        raise ConfigError(f"unknown masks.backend {mcfg.backend!r}; use hf or gsam")
+        raise ConfigError(f"unknown masks.backend {mcfg.backend!r}; use hf, gsam or shapes")
     return GroundedSam(detector, segmenter)

@@ -1,0 +1,1 @@
+"""The shapes world: renderer, judge, vocabulary and splits, captioner and base model builders (no Prefect)."""
