@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from comat_core.errors import ConfigError
 
-PRESETS = ("tiny", "tiny-sdxl", "sd15", "sdxl")
-STAGE_NAMES = ("prompts", "sdxl_prefinetune", "gan_gt", "masks", "train", "evaluate")
+PRESETS = ("tiny", "tiny-sdxl", "sd15", "sdxl", "shapes")
+STAGE_NAMES = ("world", "prompts", "sdxl_prefinetune", "gan_gt", "masks", "train", "evaluate")
 
 # The reference drops these 58 background / non-object nouns from attribute concentration, and their
 # plurals: a noun is dropped when it, or it without a final "s" (the reference's ``n[:-1]``), is listed
@@ -38,6 +38,10 @@ BACKGROUND_NOUNS = [
 ]
 
 EVAL_CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex")
+# The shapes world's categories, scored by its judge: held-out two-object prompts, CoMat training prompts,
+# single-object prompts.
+SHAPES_CATEGORIES = ("shapes", "shapes_train", "shapes_single")
+WORLD_SCHEME = "world://"  # models.* = world://base or world://captioner: the world stage's trained models
 
 
 class _Section(BaseModel):
@@ -51,6 +55,19 @@ class RuntimeConfig(_Section):
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="auto: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU")
     seed: int = 42
+
+
+class WorldConfig(_Section):
+    """A controlled world whose models the pipeline trains first (the ``world`` stage); ``none`` for real models."""
+
+    kind: Literal["none", "shapes"] = "none"
+    build: Literal["full", "smoke"] = Field(
+        "full", description="full: the measured world; smoke: a build of about a minute that only checks the code runs")
+    settings: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of the world's build settings (comat_core.worlds.shapes.build.WorldConfig)")
+    use_shipped: bool = Field(
+        True, description="when the settings are those of the models shipped in the package, copy them instead of "
+                          "training (the world stage reproduces them bit for bit from their seed when this is false)")
 
 
 class StorageConfig(_Section):
@@ -261,7 +278,8 @@ class TrainConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    categories: list[Literal["color", "shape", "texture", "spatial", "non_spatial", "complex"]] = Field(
+    categories: list[Literal["color", "shape", "texture", "spatial", "non_spatial", "complex", "shapes", "shapes_train",
+                             "shapes_single"]] = Field(
         default_factory=lambda: list(EVAL_CATEGORIES))
     prompt_dir: str = Field("builtin:t2i-compbench", description="folder holding <category>_val.txt files (URL or builtin:)")
     prompts_per_category: int | None = Field(None, ge=1, description="None: all 300")
@@ -283,6 +301,7 @@ class EvaluateConfig(_Section):
 class ComatConfig(_Section):
     preset: str = "sd15"
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    world: WorldConfig = Field(default_factory=WorldConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
@@ -320,7 +339,17 @@ class ComatConfig(_Section):
 
     def stage_order(self) -> list[str]:
         """The stages this config runs, in dependency order."""
-        return [s for s in STAGE_NAMES if s != "sdxl_prefinetune" or self.prefinetune_enabled]
+        skip = {"sdxl_prefinetune"} if not self.prefinetune_enabled else set()
+        if self.world.kind == "none":
+            skip.add("world")
+        return [s for s in STAGE_NAMES if s not in skip]
+
+    @model_validator(mode="after")
+    def _world_models_need_a_world(self) -> "ComatConfig":
+        uses = [f"models.{k}" for k, v in self.models.model_dump().items() if isinstance(v, str) and v.startswith(WORLD_SCHEME)]
+        if uses and self.world.kind == "none":
+            raise ValueError(f"{', '.join(uses)} name world:// models but world.kind is none; set world.kind=shapes")
+        return self
 
 
 # --------------------------------------------------------------------------------------------------
@@ -407,7 +436,44 @@ def _preset_tiny_sdxl() -> dict:
     return d
 
 
-_PRESET_BUILDERS = {"tiny": _preset_tiny, "tiny-sdxl": _preset_tiny_sdxl, "sd15": _preset_sd15, "sdxl": _preset_sdxl}
+def _preset_shapes() -> dict:
+    """The shapes world end to end on a CPU: the world stage trains the base model and the captioner
+    (or copies the shipped ones), then CoMat fine-tunes the base model on the world's training prompts
+    and the judge scores base vs tuned on held-out prompts."""
+    steps, guidance = 25, 7.5
+    return {
+        "preset": "shapes",
+        "world": {"kind": "shapes"},
+        "runtime": {"mixed_precision": "no"},
+        "storage": {"root": "./comat-artifacts/shapes"},
+        "models": {
+            "family": "sd15", "pretrained": "world://base", "captioner": "world://captioner",
+            "discriminator": "world://base", "vqa": "tiny://blip-vqa", "clip": "tiny://clip",
+            "grounding_dino": "tiny://grounding-dino", "sam": "tiny://sam", "sam_model_type": "tiny",
+        },
+        "prompts": {"sources": ["builtin:shapes/train.txt"],
+                    "exclude": ["builtin:shapes/shapes_val.txt", "builtin:shapes/shapes_single_val.txt"],
+                    "parser": "offline"},
+        "gan_gt": {"resolution": 64, "num_inference_steps": steps, "guidance_scale": guidance, "batch_size": 64,
+                   "shard_size": 256, "preview_images": 16},
+        "masks": {"backend": "shapes", "batch_size": 64, "shard_size": 256},
+        "train": {
+            "max_steps": 200, "batch_size": 8, "learning_rate": 1e-4, "resolution": 64,
+            "num_inference_steps": steps, "guidance_scale": guidance, "grad_steps": 5, "checkpoint_every": 50,
+            "keep_last": 2, "validation_every": 50, "log_every": 10, "trackers": [],
+            "lora": {"rank": 8, "alpha": 8},
+            "losses": {"attention_blocks": ["mid_block", "up_blocks.0", "up_blocks.1"]},
+            "discriminator": {"lora_rank": 8},
+            "validation_prompts": ["a red circle and a blue square", "a green triangle and a yellow diamond"],
+        },
+        "evaluate": {"categories": list(SHAPES_CATEGORIES), "prompt_dir": "builtin:shapes", "images_per_prompt": 4,
+                     "resolution": 64, "num_inference_steps": steps, "guidance_scale": guidance, "batch_size": 64,
+                     "shard_size": 512, "bootstrap_samples": 1000, "grid_prompts": 8, "parser": "offline"},
+    }
+
+
+_PRESET_BUILDERS = {"tiny": _preset_tiny, "tiny-sdxl": _preset_tiny_sdxl, "sd15": _preset_sd15, "sdxl": _preset_sdxl,
+                    "shapes": _preset_shapes}
 
 
 def preset_dict(name: str) -> dict:

@@ -53,7 +53,7 @@ def check_models(cfg: ComatConfig, stages: list[str] | None = None) -> None:
     error lists each missing one, on one line, with the ``hf download`` command that fetches it
     (configs and safetensors only). Online, Hub ids are downloaded when first loaded.
     """
-    from comat_core.models.loader import is_local, is_tiny
+    from comat_core.models.loader import is_local, is_tiny, is_world
     from comat_core.stages.registry import STAGES
 
     import os
@@ -70,7 +70,7 @@ def check_models(cfg: ComatConfig, stages: list[str] | None = None) -> None:
         value = getattr(cfg.models, field)
         if field in ("family", "sam_model_type", "sam_checkpoint") or not isinstance(value, str):
             continue
-        if is_tiny(value) or is_local(value) or _in_hub_cache(value):
+        if is_tiny(value) or is_world(value) or is_local(value) or _in_hub_cache(value):
             continue
         files = PIPELINE_FILES if field in PIPELINE_FIELDS else MODEL_FILES
         missing.append(f"models.{field}={value} (hf download {value} --include {files})")

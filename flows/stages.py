@@ -31,6 +31,12 @@ def run_one(stage: str, config: dict | None, force: bool, part: list[int] | None
     return run_stage_task(stage, cfg, force=force, part=part)
 
 
+@flow(name="comat-world", flow_run_name=stage_run_name)
+def world(config: dict | None = None, force: bool = False) -> str:
+    """A controlled world (world.kind: shapes): train its base model and captioner, or copy the shipped ones."""
+    return run_one("world", config, force)
+
+
 @flow(name="comat-prompts", flow_run_name=stage_run_name)
 def prompts(config: dict | None = None, force: bool = False) -> str:
     """Read, deduplicate and parse the prompt sources into prompts.parquet."""
@@ -67,5 +73,5 @@ def evaluate(config: dict | None = None, force: bool = False, part: list[int] | 
     return run_one("evaluate", config, force, part)
 
 
-STAGE_FLOWS = {"prompts": prompts, "sdxl_prefinetune": sdxl_prefinetune, "gan_gt": gan_gt,
+STAGE_FLOWS = {"world": world, "prompts": prompts, "sdxl_prefinetune": sdxl_prefinetune, "gan_gt": gan_gt,
                "masks": masks, "train": train, "evaluate": evaluate}

@@ -50,7 +50,7 @@ def test_override_types():
     (dict(preset="sd16"), "unknown preset 'sd16'; choose one of tiny, tiny-sdxl, sd15, sdxl"),
     (dict(overrides=["train.lr=1"]), "unknown config key 'train.lr'"),
     (dict(overrides=["train.learning_rat=1"]), "did you mean train.learning_rate?"),
-    (dict(overrides=["masks.backend=sam2"]), "masks.backend: Input should be 'hf' or 'gsam' (got 'sam2')"),
+    (dict(overrides=["masks.backend=sam2"]), "masks.backend: Input should be 'hf', 'gsam' or 'shapes' (got 'sam2')"),
     (dict(overrides=["train.learning_rate=-1"]), "train.learning_rate: Input should be greater than 0"),
     (dict(overrides=["train.grad_steps=60"]), "grad_steps (60) must be <= num_inference_steps (50)"),
     (dict(overrides=["train.max_steps"]), "must look like KEY=VALUE"),

@@ -25,6 +25,7 @@ from comat_core.errors import ConfigError, InputError
 from comat_core.models.tiny import TINY_KINDS, build_tiny, builder_version
 
 TINY_SCHEME = "tiny://"
+WORLD_SCHEME = "world://"
 _LOCAL_PREFIXES = ("/", "./", "../", "~")
 _DTYPES = {
     "float32": torch.float32,
@@ -64,6 +65,11 @@ def _tiny_kind(name: str) -> str:
     return kind
 
 
+def is_world(name: str) -> bool:
+    """``world://base`` / ``world://captioner``: a model the pipeline's ``world`` stage trains."""
+    return isinstance(name, str) and name.startswith(WORLD_SCHEME)
+
+
 def resolve_model(name: str, field: str | None = None) -> str:
     """What ``from_pretrained`` should get for ``name``: a Hub id as is, or a local folder path.
 
@@ -71,6 +77,9 @@ def resolve_model(name: str, field: str | None = None) -> str:
     """
     if not name or not name.strip():
         raise InputError("model name is empty: set it to a Hugging Face id, a local folder or tiny://<kind>")
+    if is_world(name):
+        raise InputError(f"{field or 'a model setting'} is {name}: world:// models come from the world stage, "
+                         "which the pipeline runs first and resolves for the stages that read it")
     if is_tiny(name):
         return str(_ensure_tiny(_tiny_kind(name)))
     if is_local(name):
@@ -92,6 +101,8 @@ def model_fingerprint(name: str) -> str:
     """
     if is_tiny(name):
         return f"{TINY_SCHEME}{_tiny_kind(name)}@{builder_version()}"
+    if is_world(name):  # the world stage is an input of every stage that reads it: its content enters the key
+        return name
     if is_local(name):
         path = Path(resolve_model(name))
         return f"{path}#{_folder_digest(path)}"

@@ -1,6 +1,7 @@
 """The stage registry and the one function that runs a stage against the artifact store.
 
-Order: prompts → [sdxl_prefinetune, SDXL only] → gan_gt → masks → train → evaluate.
+Order: [world, a controlled world only] → prompts → [sdxl_prefinetune, SDXL only] → gan_gt → masks → train
+→ evaluate. The world stage is an input of every stage whose models name ``world://`` (see ``world.py``).
 
 Each stage is a plain function ``run(ctx: StageContext) -> dict`` (its summary) in its own module.
 ``run_stage`` computes the stage key from (stage, config section, input manifest digests, code
@@ -53,6 +54,7 @@ class Stage:
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
+        Stage("world", (), "1", "comat_core.stages.world:run"),
         Stage("prompts", (), "1", "comat_core.stages.prompts:run", models=("family", "pretrained")),
         Stage("sdxl_prefinetune", ("prompts",), "1", "comat_core.stages.prefinetune:run",
               models=("family", "pretrained", "vae"), runtime=("mixed_precision", "seed"), gpu=True, sharded=True),
@@ -72,9 +74,20 @@ STAGES: dict[str, Stage] = {
 
 
 def stage_inputs(cfg: ComatConfig, stage: str) -> list[str]:
-    """The inputs a stage reads under this config (sdxl_prefinetune only when it is enabled)."""
+    """The inputs a stage reads under this config (sdxl_prefinetune only when it is enabled; the world
+    stage for every stage whose models name ``world://``)."""
     active = set(cfg.stage_order())
-    return [s for s in STAGES[stage].inputs if s in active]
+    inputs = [s for s in STAGES[stage].inputs if s in active]
+    if stage != "world" and "world" in active and _reads_world(cfg, stage):
+        inputs.insert(0, "world")
+    return inputs
+
+
+def _reads_world(cfg: ComatConfig, stage: str) -> bool:
+    from comat_core.config import WORLD_SCHEME
+
+    values = [getattr(cfg.models, f) for f in STAGES[stage].models]
+    return any(isinstance(v, str) and v.startswith(WORLD_SCHEME) for v in values)
 
 
 def downstream(cfg: ComatConfig, stages: set[str]) -> set[str]:
@@ -201,7 +214,8 @@ def run_stage(cfg: ComatConfig, store: ArtifactStore, stage: str, *, force: bool
         return StageResult(stage, key, store.stage_url(stage, key), True, manifest)
     inputs = {n: store.reader(n, compute_key(cfg, store, n)) for n in stage_inputs(cfg, stage)}
     writer = store.writer(stage, key)
-    ctx = StageContext(cfg, store, stage, key, writer, inputs, progress or _no_progress, hooks or {}, shard_part)
+    ctx = StageContext(with_world_models(cfg, inputs), store, stage, key, writer, inputs, progress or _no_progress,
+                       hooks or {}, shard_part)
     log.info("%s: computing %s", stage, writer.url)
     t0 = time.time()
     try:
@@ -220,6 +234,15 @@ def run_stage(cfg: ComatConfig, store: ArtifactStore, stage: str, *, force: bool
         code_version=spec.code_version,
     )
     return StageResult(stage, key, writer.url, False, manifest)
+
+
+def with_world_models(cfg: ComatConfig, inputs: dict[str, StageReader]) -> ComatConfig:
+    """The config a stage runs with: ``world://`` model names replaced by local copies of the world stage's output."""
+    if "world" not in inputs:
+        return cfg
+    from comat_core.stages.world import resolve_world_models
+
+    return resolve_world_models(cfg, inputs["world"])
 
 
 @dataclass

@@ -8,7 +8,7 @@ catalogue → metric modules. To add a metric, write it (see ``registry.Metric``
 from __future__ import annotations
 
 from comat_core.errors import ConfigError
-from comat_core.stages.evaluate import clip_score, complex, coverage, spatial, vqa  # noqa: F401 (they register)
+from comat_core.stages.evaluate import clip_score, complex, coverage, shapes, spatial, vqa  # noqa: F401 (they register)
 from comat_core.stages.evaluate.registry import METRICS, EvalSample, Metric, MetricEnv, ScoringModels, Values, chunks, register
 
 __all__ = ["METRICS", "EvalSample", "Metric", "MetricEnv", "ScoringModels", "Values", "chunks", "register",

@@ -121,8 +121,15 @@ TABLE_HEADER = ("| category | metric | base | tuned | Δ (tuned − base) | 95% 
 def render_markdown(summary: dict) -> str:
     """The side-by-side report: headline table, secondary metrics, provenance, published figures."""
     results = summary["results"]
-    lines = ["# Evaluation: base vs tuned (T2I-CompBench protocol)", ""]
-    lines += ["## Scores", "", "T2I-CompBench score per category (higher is better).", "", TABLE_HEADER]
+    world = bool(results) and all(c.startswith("shapes") for c in results)
+    if world:
+        lines = ["# Evaluation: base vs tuned (shapes world, scored by its judge)", ""]
+        lines += ["## Scores", "", "Binding accuracy per category: every colour-shape pair of the prompt present as "
+                  "one object and nothing else (higher is better). shapes: held-out prompts the training never "
+                  "saw; shapes_train: training prompts; shapes_single: one object.", "", TABLE_HEADER]
+    else:
+        lines = ["# Evaluation: base vs tuned (T2I-CompBench protocol)", ""]
+        lines += ["## Scores", "", "T2I-CompBench score per category (higher is better).", "", TABLE_HEADER]
     for category, entry in results.items():
         metric = entry["headline_metric"]
         if metric in entry["metrics"]:
@@ -136,14 +143,17 @@ def render_markdown(summary: dict) -> str:
                 lines.append(table_row(category, metric, m))
     lines += ["", "## Protocol", ""]
     lines += _protocol_lines(summary)
-    lines += ["", "## Published figures (METHOD.md §8, for reference; other detector and seeds)", "",
-              "| model | " + " | ".join(PUBLISHED["SDXL"]) + " |", "|---|" + "---|" * len(PUBLISHED["SDXL"])]
-    for name, figures in PUBLISHED.items():
-        lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in figures.values()) + " |")
+    if not world:
+        lines += ["", "## Published figures (for reference; other detector and seeds)", "",
+                  "| model | " + " | ".join(PUBLISHED["SDXL"]) + " |", "|---|" + "---|" * len(PUBLISHED["SDXL"])]
+        for name, figures in PUBLISHED.items():
+            lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in figures.values()) + " |")
     lines += ["", "The grid (`grid.png`) shows, column by column, the same prompt and seed: base on top, tuned below.",
               ""]
     for i, item in enumerate(summary.get("grid", [])):
-        lines.append(f"{i + 1}. {item['category']} #{item['prompt_idx']} seed {item['seed']}: {item['prompt']}")
+        verdict = item.get("verdict")
+        judged = f" (judge: base {verdict['base']}; tuned {verdict['tuned']})" if verdict else ""
+        lines.append(f"{i + 1}. {item['category']} #{item['prompt_idx']} seed {item['seed']}: {item['prompt']}{judged}")
     return "\n".join(lines) + "\n"
 
 
@@ -183,15 +193,30 @@ def parse_table(markdown: str, section: str = "## Scores") -> list[dict]:
 # Grid
 
 
-def grid_image(base: Sequence, tuned: Sequence, gap: int = 4):
-    """Base images on the top row, tuned ones below, column by column (same prompt and seed)."""
-    from PIL import Image
+def grid_image(base: Sequence, tuned: Sequence, gap: int = 4, labels: dict[str, Sequence[str]] | None = None,
+               min_width: int = 160):
+    """Base images on the top row, tuned ones below, column by column (same prompt and seed).
+
+    ``labels`` (``{"base": [...], "tuned": [...]}``, one short text per image, e.g. the shapes judge's
+    verdict) are written under each image; small images are then enlarged (nearest) to ``min_width``
+    so the text fits.
+    """
+    from PIL import Image, ImageDraw
 
     if len(base) != len(tuned) or not base:
         raise ValueError("the grid needs as many tuned images as base images, and at least one")
-    width, height = base[0].size
-    grid = Image.new("RGB", (len(base) * (width + gap) - gap, 2 * height + gap), "white")
+    scale = max(1, -(-min_width // base[0].size[0])) if labels else 1
+    width, height = base[0].size[0] * scale, base[0].size[1] * scale
+    text = 24 if labels else 0  # two lines of the default font under each image
+    cell = height + text
+    grid = Image.new("RGB", (len(base) * (width + gap) - gap, 2 * cell + gap), "white")
+    draw = ImageDraw.Draw(grid)
     for column, (b, t) in enumerate(zip(base, tuned)):
-        grid.paste(b.convert("RGB"), (column * (width + gap), 0))
-        grid.paste(t.convert("RGB"), (column * (width + gap), height + gap))
+        for row, (model, image) in enumerate((("base", b), ("tuned", t))):
+            x, y = column * (width + gap), row * (cell + gap)
+            grid.paste(image.convert("RGB").resize((width, height), Image.NEAREST), (x, y))
+            if labels:
+                label = labels[model][column]
+                draw.text((x + 2, y + height + 1), label[: width // 6], fill="black")
+                draw.text((x + 2, y + height + 12), label[width // 6 : 2 * (width // 6)], fill="black")
     return grid

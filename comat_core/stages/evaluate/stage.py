@@ -33,6 +33,7 @@ from comat_core.stages.evaluate.generate import generate_images, plan_samples, s
 from comat_core.stages.evaluate.metrics import EvalSample, MetricEnv, ScoringModels, headline_metric, metrics_for
 from comat_core.stages.evaluate.prompt_sets import EvalPrompts, load_eval_prompts
 from comat_core.stages.evaluate.report import grid_image, render_markdown, summarise
+from comat_core.stages.evaluate.shapes import SHAPES_CATEGORIES, verdicts
 
 log = logging.getLogger("comat.evaluate")
 
@@ -63,9 +64,9 @@ def run(ctx) -> dict:
     rows = collect_scores(ctx, plans)
     ctx.writer.put_table("scores.parquet", pa.Table.from_pylist(rows, schema=SCORE_SCHEMA))
     summary = build_summary(ctx, prompts, rows, device)
+    write_grid(ctx, summary["grid"])  # first: it adds the judge's verdicts to the grid items (shapes world)
     ctx.writer.put_json("summary.json", summary)
     ctx.writer.put_bytes("report.md", render_markdown(summary).encode())
-    write_grid(ctx, summary["grid"])
     headline = {c: e["metrics"].get(e["headline_metric"], {}) for c, e in summary["results"].items()}
     return {
         "images": sum(len(s) for plan in plans.values() for _, s in plan),
@@ -264,4 +265,9 @@ def write_grid(ctx, items: list[dict]) -> None:
         return
     images = {m: [read_image(ctx, EvalSample(m, it["category"], it["prompt_idx"], it["prompt"], it["seed"]).image_path)
                   for it in items] for m in MODELS}
-    ctx.writer.put_image("grid.png", grid_image(images["base"], images["tuned"]))
+    labels = None
+    if all(it["category"] in SHAPES_CATEGORIES for it in items):  # the judge's verdict under each image
+        labels = {m: [v.summary() for v in verdicts(images[m], [it["prompt"] for it in items])] for m in MODELS}
+        for i, item in enumerate(items):
+            item["verdict"] = {m: labels[m][i] for m in MODELS}
+    ctx.writer.put_image("grid.png", grid_image(images["base"], images["tuned"], labels=labels))

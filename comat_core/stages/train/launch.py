@@ -161,7 +161,7 @@ def join(config_request: dict) -> None:
 
 def train_from_request(request: dict) -> dict:
     """Train as one process of the launched group; the main process commits the result shard."""
-    from comat_core.stages.registry import StageContext, compute_key, stage_inputs
+    from comat_core.stages.registry import StageContext, compute_key, stage_inputs, with_world_models
     from comat_core.preflight import build_config
     from comat_core.store.storage import ArtifactStore
     from comat_core.stages.train.inputs import train_in_process
@@ -178,7 +178,7 @@ def train_from_request(request: dict) -> dict:
     scratch = Path(request["scratch"]) / f"rank-{rank}"
     scratch.mkdir(parents=True, exist_ok=True)
     inputs = {n: store.reader(n, compute_key(cfg, store, n)) for n in stage_inputs(cfg, STAGE)}
-    ctx = StageContext(cfg, store, STAGE, key, store.writer(STAGE, key), inputs,
+    ctx = StageContext(with_world_models(cfg, inputs), store, STAGE, key, store.writer(STAGE, key), inputs,
                        progress=_print_progress if main else _no_progress, hooks=dict(request.get("hooks") or {}),
                        workdir=scratch)
     summary = train_in_process(ctx)
