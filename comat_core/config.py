@@ -460,7 +460,7 @@ def _preset_shapes() -> dict:
         "train": {
             "max_steps": 200, "batch_size": 8, "learning_rate": 1e-4, "resolution": 64,
             "num_inference_steps": steps, "guidance_scale": guidance, "grad_steps": 5, "checkpoint_every": 50,
-            "keep_last": 2, "validation_every": 50, "log_every": 10, "trackers": [],
+            "keep_last": 10, "validation_every": 50, "log_every": 10, "trackers": [],
             "lora": {"rank": 8, "alpha": 8},
             "losses": {"attention_blocks": ["mid_block", "up_blocks.0", "up_blocks.1"]},
             "discriminator": {"lora_rank": 8},
