@@ -296,12 +296,12 @@ def step_inputs(tr, batch: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     latents = {r["prompt_id"]: torch.randn(*shape, generator=g) for r in records}
 
-    def entity_masks(ids, resolution):
+    def entity_masks(ids, resolution, samples=None):
         left = torch.zeros(resolution, resolution)
         left[:, : resolution // 2] = 1
         return [[EntityMask(0, "a", True, left), EntityMask(1, "b", True, 1 - left)] for _ in ids]
 
-    sources = TrainingSources(records, lambda ids: torch.stack([latents[i] for i in ids]), entity_masks)
+    sources = TrainingSources(records, lambda ids, samples=None: torch.stack([latents[i] for i in ids]), entity_masks)
     data = TrainingData(sources, tr.backbone.tokenizer, shape[-1], with_targets=tr.attention is not None)
     return data.inputs(list(range(batch)))
 

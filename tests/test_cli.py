@@ -39,7 +39,7 @@ def test_status_on_empty_store(capsys, tmp_path):
 
 @pytest.mark.parametrize("make_args, needle", [
     (lambda t: ["--set", "train.lr=1"], "unknown config key 'train.lr'"),
-    (lambda t: ["--set", "masks.backend=nope"], "masks.backend: Input should be 'hf' or 'gsam'"),
+    (lambda t: ["--set", "masks.backend=nope"], "masks.backend: Input should be 'hf', 'gsam' or 'shapes'"),
     (lambda t: ["--prompts", str(t / "missing.txt")], "matches no file"),
     (lambda t: ["--prompts", str(t / "empty.txt")], "is empty"),
     (lambda t: ["--prompts", str(t / "latin1.txt")], "is not UTF-8"),

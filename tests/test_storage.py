@@ -32,7 +32,7 @@ def test_unrelated_config_does_not_change_stage_config():
     for stage in ("gan_gt", "masks"):
         assert stage_config(base, stage) == stage_config(other, stage)
     assert stage_config(base, "train") != stage_config(other, "train")
-    changed = load_config("tiny", overrides=["gan_gt.guidance_scale=5"])
+    changed = load_config("tiny", overrides=["gan_gt.seed=5"])
     assert stage_config(base, "gan_gt") != stage_config(changed, "gan_gt")
     assert stage_config(base, "masks") == stage_config(changed, "masks")
 
