@@ -7,7 +7,7 @@
 ``values``; see ``comat_core.preflight.build_config``). It is resolved and checked once, here, and
 the stages receive the resolved values, so a worker never needs the YAML file. ``stages`` restricts
 the run to a subset (kept in pipeline order; their inputs must already be in storage). ``force``
-recomputes the named stages; their dependants recompute because their keys change, everything else
+recomputes the named stages; their dependants recompute when the output changed (new keys), everything else
 is a cache hit. Storage is ``cfg.storage.root``: a local folder, ``s3://bucket/prefix`` (endpoint
 and credentials from the standard AWS variables, ``AWS_ENDPOINT_URL``, or ``storage.options``), …
 

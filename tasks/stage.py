@@ -7,7 +7,7 @@ The artifact store's manifest *is* the cache, and Prefect's own result cache is 
 
 * ``comat_core.stages.registry.run_stage`` already returns the existing output when the stage's
   ``_manifest.json`` exists under its stage key, and the stage key hashes the stage's config
-  section, its models, its code version and the digests of its inputs' manifests. That is exactly
+  section, its models, its code version and its inputs' content (their files' sha256). That is exactly
   "cache keyed on the stage key, honoured only when the manifest exists": a wiped bucket or a deleted
   stage folder has no manifest, so the stage recomputes instead of failing on a stale Prefect record.
 * A second cache (Prefect result records) could disagree with storage. The task's result is only
@@ -22,7 +22,7 @@ does not commit the stage (see ``comat_core/store/shards.py``); its run is named
 
 A hit still shows in the UI: the task returns a ``Completed`` state named ``Cached``, and its run
 is named ``<stage>-<key>``. ``force`` wipes the stage's folder first (``run_stage(force=True)``);
-everything downstream gets new keys because the new manifest has a new digest.
+everything downstream gets new keys when the new output's bytes differ, and stays cached when they do not.
 
 Retries
 -------

@@ -130,25 +130,22 @@ def test_first_run_computes_every_stage_and_names_runs(baseline):
 
 def test_second_run_is_all_cache_hits(baseline):
     results, flow_run_id, seconds = run_pipeline(baseline["root"])
-    assert results == baseline["results"]
     assert recomputed(baseline["manifests"], manifests(baseline["root"])) == set()
     assert set(state_names(flow_run_id, RUNNABLE).values()) == {"Cached"}
     # loose on purpose (a shared 2-core CI box): the real check is above, no stage function ran
     assert seconds < 0.75 * baseline["seconds"], (seconds, baseline["seconds"])
 
 
-def test_force_recomputes_the_stage_and_its_dependants_only(baseline, store_copy):
-    target = "train"
-    expected = {"train", "evaluate"}
-    assert downstream(BASE_CFG, {target}) == expected
+def test_force_with_an_unchanged_result_keeps_the_dependants_keys_and_cache_hits(baseline, store_copy):
+    """Keys follow content: gan_gt recomputed into identical bytes leaves masks, train, evaluate cached."""
+    target = "gan_gt"
     results, flow_run_id, _ = run_pipeline(store_copy, force=[target])
     after = manifests(store_copy)
-    assert recomputed(baseline["manifests"], after) == expected
-    assert after[target]["key"] == baseline["manifests"][target]["key"]  # same inputs, same key
-    for s in expected - {target}:
-        assert after[s]["key"] != baseline["manifests"][s]["key"]  # new input digest, new key
+    assert recomputed(baseline["manifests"], after) == {target}
+    assert after[target]["files"] == baseline["manifests"][target]["files"]  # the same bytes, again
+    assert {s: m["key"] for s, m in after.items()} == {s: m["key"] for s, m in baseline["manifests"].items()}
     names = state_names(flow_run_id, RUNNABLE)
-    assert {s for s, n in names.items() if n == "Cached"} == set(RUNNABLE) - expected
+    assert {s for s, n in names.items() if n == "Cached"} == set(RUNNABLE) - {target}
 
 
 def test_config_change_recomputes_the_stage_and_its_dependants_only(baseline, store_copy):
@@ -171,16 +168,15 @@ def test_deleted_stage_folder_recomputes_instead_of_failing(baseline, store_copy
     assert after[target]["key"] == baseline["manifests"][target]["key"]
 
 
-def test_wiped_store_recomputes_everything(baseline, tmp_path):
-    """A store that lost everything (a wiped bucket) is a fresh run, not a crash on stale cache."""
-    from flows.pipeline import comat
-
+def test_same_config_into_an_empty_store_recomputes_everything_with_the_same_keys(baseline, tmp_path):
+    """A wiped bucket is a fresh run, not a crash on stale cache; and two stores that ran the same
+    config hold the same keys for every stage (timings and hosts stay out of keys), so they can share."""
     root = tmp_path / "store"  # same keys as the baseline, which the server has seen complete
-    first = ["prompts", "gan_gt"]
-    state = comat(config=request(root), stages=first, return_state=True)
-    assert list(state.result()) == first
-    assert set(manifests(root)) == set(first)
-    assert set(state_names(state.state_details.flow_run_id, first).values()) == {"Completed"}
+    results, flow_run_id, _ = run_pipeline(root)
+    assert set(state_names(flow_run_id, RUNNABLE).values()) == {"Completed"}
+    fresh = manifests(root)
+    assert {s: m["key"] for s, m in fresh.items()} == {s: m["key"] for s, m in baseline["manifests"].items()}
+    assert list(results) == RUNNABLE and fresh["evaluate"]["finished_at"] > baseline["manifests"]["evaluate"]["finished_at"]
 
 
 # ---------------------------------------------------------------- single-stage flows

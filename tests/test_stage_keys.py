@@ -1,45 +1,67 @@
 """Stage keys are part of the store's contract: moving code must not change them.
 
-Keys hash the stage name, its config, its inputs' manifests and its code version, never module
-paths. With fixed stand-in manifests for the inputs, the tiny presets' keys are pinned here; a
-deliberate key change (a new code version, a new key field) updates the table in the same commit.
+Keys hash the stage name, its config, its inputs' content (their files' sha256 list) and its code
+version, never module paths. With fixed stand-in manifests for the inputs (one file each, plus the
+timings and software versions a real manifest records, which must not matter), the tiny presets'
+keys are pinned here; a deliberate key change (a new code version, a new key field) updates the
+table in the same commit.
 """
+
+import json
 
 import pytest
 
 from comat_core.preflight import build_config
 from comat_core.stages.registry import compute_key
-from comat_core.store.storage import ArtifactStore
+from comat_core.store.storage import ArtifactStore, sha256_bytes
 
 GOLDEN = {
     "tiny": {
         "prompts": "ad380373c5e45a06",
-        "gan_gt": "eae5b1fee707b4f0",
-        "masks": "12813c9bda3e7f94",
-        "train": "c1b6c8b36ad57432",
-        "evaluate": "78865a67aeb69398",
+        "gan_gt": "76c4c1869a9b265c",
+        "masks": "e82d6dc26133c46f",
+        "train": "0898a247eb9e7f4b",
+        "evaluate": "ae5c4b3de1637a3a",
     },
     "tiny-sdxl": {
         "prompts": "c08363a860831ed5",
-        "sdxl_prefinetune": "289f4fd7e2b0640f",
-        "gan_gt": "77b657706ae20674",
-        "masks": "5d1db7e18f794b07",
-        "train": "a63503f80be9a936",
-        "evaluate": "3483ef7258d26012",
+        "sdxl_prefinetune": "dc273deb8a75dd29",
+        "gan_gt": "dd8dc85022171a2e",
+        "masks": "f38bbccf125de527",
+        "train": "bfb5ea64479b1b95",
+        "evaluate": "70c0c96239cb2c45",
     },
 }
 
 
-def keys_with_fixed_manifests(preset: str, root) -> dict[str, str]:
+def stand_in_manifest(stage: str, content: str = "", **record) -> bytes:
+    files = {"out.bin": {"size": 1, "sha256": sha256_bytes(f"{stage}{content}".encode())}}
+    if stage == "train":  # train's step timings live in files, which are records, not results
+        for rel in ("metrics.parquet", "checkpoints/step-000001/state.json"):
+            files[rel] = {"size": 1, "sha256": sha256_bytes(f"{rel}{record}".encode())}
+    return json.dumps({"stage": stage, "files": files, **record}).encode()
+
+
+def keys_with_fixed_manifests(preset: str, root, content: str = "", **record) -> dict[str, str]:
     cfg = build_config({"preset": preset, "storage": str(root)})
     store = ArtifactStore(cfg.storage.root)
     keys = {}
     for stage in cfg.stage_order():
         keys[stage] = compute_key(cfg, store, stage)
-        store.write_bytes(store.manifest_path(stage, keys[stage]), f'{{"stage": "{stage}"}}'.encode())
+        store.write_bytes(store.manifest_path(stage, keys[stage]), stand_in_manifest(stage, content, **record))
     return keys
 
 
 @pytest.mark.parametrize("preset", sorted(GOLDEN))
 def test_tiny_stage_keys_are_pinned(preset, tmp_path):
     assert keys_with_fixed_manifests(preset, tmp_path) == GOLDEN[preset]
+
+
+def test_keys_follow_content_not_timings_or_software(tmp_path):
+    """Another clock, another torch in the manifests: same keys. Other bytes: new keys downstream."""
+    keys = keys_with_fixed_manifests("tiny", tmp_path / "a")
+    later = keys_with_fixed_manifests("tiny", tmp_path / "b", seconds=99.0, software={"torch": "9.9"})
+    assert later == keys
+    other = keys_with_fixed_manifests("tiny", tmp_path / "c", content="changed")
+    assert other["prompts"] == keys["prompts"]
+    assert all(other[s] != keys[s] for s in ("gan_gt", "masks", "train", "evaluate"))

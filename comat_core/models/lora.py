@@ -73,4 +73,27 @@ def export_lora(unet: torch.nn.Module, pipeline_class: type, out_dir: str | Path
     metadata = unet.peft_config[ADAPTER].to_dict()
     pipeline_class.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True,
                                      unet_lora_adapter_metadata=metadata)
+    sort_safetensors_metadata(out_dir / LORA_WEIGHTS_FILE)
     return out_dir / LORA_WEIGHTS_FILE
+
+
+def sort_safetensors_metadata(path: str | Path) -> None:
+    """Rewrite a safetensors header with its metadata keys sorted, in place; tensors untouched.
+
+    safetensors writes the metadata map in hash order, which changes from process to process, so
+    the same weights would get different bytes (and sha256) on every run; downstream stage keys
+    hash those bytes. The header keeps its length (padded with spaces, as the format allows).
+    """
+    import json
+    import struct
+
+    path = Path(path)
+    data = path.read_bytes()
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + size])
+    if len(header.get("__metadata__") or {}) < 2:
+        return
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    width = max(size, (len(text) + 7) // 8 * 8)
+    path.write_bytes(struct.pack("<Q", width) + text.ljust(width, b" ") + data[8 + size:])

@@ -4,7 +4,7 @@ Order: [world, a controlled world only] → prompts → [sdxl_prefinetune, SDXL 
 → evaluate. The world stage is an input of every stage whose models name ``world://`` (see ``world.py``).
 
 Each stage is a plain function ``run(ctx: StageContext) -> dict`` (its summary) in its own module.
-``run_stage`` computes the stage key from (stage, config section, input manifest digests, code
+``run_stage`` computes the stage key from (stage, config section, input content digests, code
 version), returns the existing output when its manifest is there (a cache hit), and otherwise calls
 the stage function and commits the manifest last. Prefect tasks (``tasks/``) and the CLI both go
 through here, so caching means the same thing everywhere.
@@ -45,6 +45,9 @@ class Stage:
     runtime: tuple[str, ...] = ()  # fields of cfg.runtime that change this stage's output
     gpu: bool = False
     sharded: bool = False  # commits shards and accepts a ShardPart (fan-out over workers, comat_core/store/shards.py)
+    # files that record how the run went (timings, tracker logs, resume checkpoints), not its result:
+    # they stay out of the dependants' keys (``content_digest``), so a rerun with the same result keeps them
+    records: tuple[str, ...] = ()
 
     def run_fn(self) -> Callable[["StageContext"], dict]:
         module, fn = self.runner.split(":")
@@ -65,7 +68,8 @@ STAGES: dict[str, Stage] = {
               runtime=("mixed_precision",), gpu=True, sharded=True),
         Stage("train", ("prompts", "gan_gt", "masks", "sdxl_prefinetune"), "2", "comat_core.stages.train.stage:run",
               models=("family", "pretrained", "vae", "captioner", "discriminator"),
-              runtime=("mixed_precision", "seed"), gpu=True),
+              runtime=("mixed_precision", "seed"), gpu=True,
+              records=("metrics.parquet", "logs/*", "checkpoints/*")),
         Stage("evaluate", ("train", "sdxl_prefinetune"), "1", "comat_core.stages.evaluate.stage:run",
               models=("family", "pretrained", "vae", "vqa", "clip", "grounding_dino", "captioner"),
               runtime=("mixed_precision",), gpu=True, sharded=True),
@@ -177,12 +181,22 @@ def name_or(stage: str) -> str:
     return stage
 
 
+def input_digest(store: ArtifactStore, stage: str, key: str) -> str | None:
+    """What a dependant's key sees of a complete stage: its files' sha256 list, records left out.
+
+    Not the manifest's bytes: those hold timings and software versions, which would give two stores
+    that ran the same config different keys, and make a rerun with identical output invalidate its
+    dependants. A different torch that computes different bytes changes the key through the bytes.
+    """
+    return store.content_digest(stage, key, STAGES[stage].records)
+
+
 def compute_key(cfg: ComatConfig, store: ArtifactStore, stage: str) -> str:
-    """The stage key; its inputs must be complete (their manifests' digests enter the key)."""
+    """The stage key; its inputs must be complete (their content digests enter the key)."""
     digests = {}
     for name in stage_inputs(cfg, name_or(stage)):
         key = compute_key(cfg, store, name)
-        digest = store.manifest_digest(name, key)
+        digest = input_digest(store, name, key)
         if digest is None:
             raise StorageError(f"stage {stage} needs {name}, which is not complete at key {key}; run it first")
         digests[name] = f"{key}:{digest}"

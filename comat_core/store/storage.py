@@ -2,8 +2,11 @@
 
 Contract (PIPELINE.md):
 
-* The **stage key** hashes the stage name, the stage's config section, the digests of its inputs'
-  manifests and the stage's code version. Same inputs, same key; any change, a new key.
+* The **stage key** hashes the stage name, the stage's config section, its inputs' content (the
+  sha256 list of their files, ``content_digest``) and the stage's code version. Same inputs, same
+  key; any change, a new key. When and where an input was made (timings, software versions, all in
+  its manifest for the record) never enters a key: two stores that ran the same config share keys,
+  and a recomputed stage with identical bytes leaves its dependants cached.
 * Every file is written atomically: to a temporary name then renamed (local disk), or in a single
   PUT (object stores), so a reader never sees half a file under its final name.
 * ``_manifest.json`` is written **last** and lists every file with its size and sha256, the config,
@@ -48,6 +51,20 @@ def stage_key(stage: str, config: dict, input_digests: dict[str, str], code_vers
     """A short, stable hash of everything that determines a stage's output."""
     payload = {"stage": stage, "config": config, "inputs": input_digests, "code": code_version}
     return sha256_bytes(canonical_json(payload))[:16]
+
+
+def content_digest(files: dict[str, dict], records: Iterable[str] = ()) -> str:
+    """A stage's output as a downstream key sees it: the sha256 of its ``{file: sha256}`` list.
+
+    ``records`` are glob patterns of files that record how the run went (timings, tracker logs,
+    resume checkpoints) rather than its result; they stay out, so they cannot change a key.
+    """
+    import fnmatch
+
+    records = tuple(records)
+    content = {rel: entry["sha256"] for rel, entry in files.items()
+               if not any(fnmatch.fnmatch(rel, pattern) for pattern in records)}
+    return sha256_bytes(canonical_json(content))
 
 
 def software_versions() -> dict[str, str]:
@@ -178,11 +195,10 @@ class ArtifactStore:
         except FileNotFoundError:
             return None
 
-    def manifest_digest(self, stage: str, key: str) -> str | None:
-        try:
-            return sha256_bytes(self.read_bytes(self.manifest_path(stage, key)))
-        except FileNotFoundError:
-            return None
+    def content_digest(self, stage: str, key: str, records: Iterable[str] = ()) -> str | None:
+        """The complete stage's ``content_digest`` (None when it has no manifest)."""
+        manifest = self.read_manifest(stage, key)
+        return None if manifest is None else content_digest(manifest.get("files", {}), records)
 
     def is_complete(self, stage: str, key: str) -> bool:
         return self.read_manifest(stage, key) is not None

@@ -27,6 +27,7 @@ from comat_core.errors import InputError
 from comat_core.models.generation import load_generator
 from comat_core.models.loader import model_fingerprint
 from comat_core.stages.prefinetune import prefinetuned_unet
+from comat_core.stages.registry import input_digest
 from comat_core.runtime import free_memory, resolve_device, weight_dtype
 from comat_core.store.shards import check_fail_hook, part_summary, shards_to_do
 from comat_core.stages.evaluate.generate import generate_images, plan_samples, shard_plan
@@ -241,7 +242,7 @@ def model_records(ctx) -> dict:
     for stage, role in (("train", "lora"), ("sdxl_prefinetune", "prefinetune_unet")):
         reader = ctx.inputs.get(stage)
         if reader is not None:
-            digest = ctx.store.manifest_digest(stage, reader.key)
+            digest = input_digest(ctx.store, stage, reader.key)
             out[role] = {"name": f"{reader.url}", "fingerprint": f"{stage}:{reader.key}:{digest[:16]}"}
     return out
 
