@@ -1,18 +1,32 @@
-"""Flow-run names that say the preset and the stages, e.g. ``tiny: prompts > gan_gt > ... (force train)``."""
+"""Flow-run names that tell runs apart: preset, config hash @ storage hash, stages, e.g.
+``tiny 3f9a1c@7b2e01: prompts > gan_gt > ... (force train)``.
+
+The config hash covers everything that was set (overrides, a config file, prompt files, storage);
+the storage hash is the one in the pipeline's artifact keys (``flows.artifacts.pipeline_scope``),
+so a run's name, its artifacts and its storage root point at each other.
+"""
 
 from __future__ import annotations
+
+import hashlib
+import json
 
 
 def describe(config: dict | None, stages: list[str] | None, force: list[str] | None = None) -> str:
     from comat_core.preflight import build_config
+    from comat_core.store.storage import ArtifactStore
+    from flows.artifacts import pipeline_scope
 
     try:
         cfg = build_config(config)
         preset, order = cfg.preset, cfg.stage_order()
+        values = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, default=str)
+        store_hash = pipeline_scope(preset, ArtifactStore(cfg.storage.root, cfg.storage.options).root_url)
+        label = f"{preset} {hashlib.sha256(values.encode()).hexdigest()[:6]}@{store_hash.rsplit('-', 1)[-1]}"
     except Exception:  # noqa: BLE001 - a name must never fail the run; the flow reports the error
-        preset, order = (config or {}).get("preset") or "config", list(stages or [])
+        label, order = (config or {}).get("preset") or "config", list(stages or [])
     chosen = [s for s in order if not stages or s in stages]
-    text = f"{preset}: {' > '.join(chosen) or 'no stages'}"
+    text = f"{label}: {' > '.join(chosen) or 'no stages'}"
     return text + (f" (force {', '.join(force)})" if force else "")
 
 

@@ -1,7 +1,10 @@
 """Prefect UI artifacts for a stage run: progress, what was written, where, and what it looks like.
 
-Every artifact has a stable key ``comat-<stage>-<kind>`` (lowercase, dashes), so the UI's Artifacts
-page shows one history per stage and kind:
+Every artifact has a stable key ``comat-<scope>-<stage>-<kind>`` (lowercase, dashes), where the
+scope is the preset and a short hash of the storage root (``pipeline_scope``): the UI's Artifacts
+page shows one history per pipeline, stage and kind, and two pipelines on one server (another
+preset, another bucket) never interleave their histories. The parent run adds
+``comat-<scope>-run-summary`` (``flows/summary.py``).
 
 * ``progress`` - a progress artifact moved by the stage's ``ctx.progress(done, total, message)``;
 * ``outputs``  - a table: stage, key, cached or computed, file count, bytes, seconds, URL;
@@ -12,14 +15,16 @@ page shows one history per stage and kind:
 * ``report`` / ``summary`` - a stage's markdown report (``*.md``) and ``summary.json`` as a table.
 
 What gets published is read from the stage's manifest, so stages need no Prefect code and a stage
-that writes none of these files simply gets fewer artifacts. Publishing never fails a stage: a
-problem is logged as a warning (the stage's output in storage is what matters).
+that writes none of these files simply gets fewer artifacts. A cache hit publishes one small note
+(``outputs``: where the output is and when it was computed), not its images again. Publishing never
+fails a stage: a problem is logged as a warning (the stage's output in storage is what matters).
 """
 
 from __future__ import annotations
 
 import base64
 import fnmatch
+import hashlib
 import json
 import logging
 import math
@@ -48,9 +53,14 @@ MAX_CURVE_ROWS = 200
 SIGNED_URL_SECONDS = 7 * 24 * 3600
 
 
-def artifact_key(stage: str, kind: str) -> str:
-    """``comat-<stage>-<kind>`` with underscores as dashes (Prefect keys: lowercase, digits, dashes)."""
-    return f"comat-{stage}-{kind}".replace("_", "-").lower()
+def pipeline_scope(preset: str, storage_root_url: str) -> str:
+    """``<preset>-<6 hex of the storage root>``: what tells one pipeline's artifacts from another's."""
+    return f"{preset}-{hashlib.sha256(storage_root_url.encode()).hexdigest()[:6]}"
+
+
+def artifact_key(scope: str, stage: str, kind: str) -> str:
+    """``comat-<scope>-<stage>-<kind>`` with underscores as dashes (Prefect keys: lowercase, digits, dashes)."""
+    return f"comat-{scope}-{stage}-{kind}".replace("_", "-").replace(".", "-").lower()
 
 
 def _safely(what: str, fn: Callable, *args, **kwargs):
@@ -65,15 +75,21 @@ class ProgressReporter:
     """A progress artifact for one stage run; ``update`` is the stage's ``ctx.progress`` callback.
 
     Updates are throttled (one API call per ``every`` seconds, plus the final one) so a stage may
-    report every step without slowing down.
+    report every step without slowing down. The artifact is created by ``start`` (a stage about to
+    compute), never for a cache hit.
     """
 
-    def __init__(self, stage: str, key: str, every: float = 1.0):
-        self.stage, self.key, self.every = stage, key, every
+    def __init__(self, stage: str, key: str, scope: str, every: float = 1.0):
+        self.stage, self.key, self.scope, self.every = stage, key, scope, every
         self.last = 0.0
         self.percent = 0.0
-        self.id: UUID | None = _safely("progress", create_progress_artifact, 0.0, key=artifact_key(stage, "progress"),
-                                       description=f"{stage} `{key}`: starting")
+        self.id: UUID | None = None
+
+    def start(self) -> None:
+        if self.id is None:
+            self.id = _safely("progress", create_progress_artifact, 0.0,
+                              key=artifact_key(self.scope, self.stage, "progress"),
+                              description=f"{self.stage} `{self.key}`: starting")
 
     def update(self, done: int, total: int, message: str = "") -> None:
         percent = 100.0 * done / total if total else 100.0
@@ -96,15 +112,28 @@ class ProgressReporter:
             _safely("progress", update_progress_artifact, self.id, 100.0, description=text)
 
 
-def publish_stage(store: ArtifactStore, result: StageResult, seconds: float) -> None:
-    """Every artifact the stage's manifest allows (see the module docstring)."""
+def publish_stage(store: ArtifactStore, result: StageResult, seconds: float, scope: str) -> None:
+    """Every artifact the stage's manifest allows (see the module docstring); one note for a cache hit."""
+    if result.cached:
+        _safely("outputs", publish_cached_note, store, result, scope)
+        return
     reader = StageReader(store, result.stage, result.key, result.manifest)
-    _safely("outputs", publish_outputs, reader, result, seconds)
-    _safely("storage", publish_link, store, result)
-    _safely("images", publish_images, store, reader)
-    _safely("curves", publish_curves, reader)
-    _safely("report", publish_report, reader)
-    _safely("summary", publish_summary, reader)
+    _safely("outputs", publish_outputs, reader, result, seconds, scope)
+    _safely("storage", publish_link, store, result, scope)
+    _safely("images", publish_images, store, reader, scope)
+    _safely("curves", publish_curves, store, reader, scope)
+    _safely("report", publish_report, reader, scope)
+    _safely("summary", publish_summary, reader, scope)
+
+
+def publish_cached_note(store: ArtifactStore, result: StageResult, scope: str) -> None:
+    m = result.manifest
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(float(m.get("finished_at", 0))))
+    create_markdown_artifact(
+        f"**{result.stage}** `{result.key}`: cached, nothing recomputed. Computed {when} in "
+        f"{float(m.get('seconds', 0)):.1f} s; {len(m.get('files', {}))} files in "
+        f"[{result.url}]({folder_link(store, result.url)}).",
+        key=artifact_key(scope, result.stage, "outputs"), description=f"{result.stage}: cache hit")
 
 
 def outputs_row(result: StageResult, seconds: float) -> dict:
@@ -120,11 +149,11 @@ def outputs_row(result: StageResult, seconds: float) -> dict:
     }
 
 
-def publish_outputs(reader: StageReader, result: StageResult, seconds: float) -> None:
+def publish_outputs(reader: StageReader, result: StageResult, seconds: float, scope: str) -> None:
     row = outputs_row(result, seconds)
     state = "cached: nothing recomputed" if result.cached else f"computed in {seconds:.1f} s"
     scalars = {k: v for k, v in reader.summary.items() if isinstance(v, (int, float, str, bool))}
-    create_table_artifact([row], key=artifact_key(result.stage, "outputs"),
+    create_table_artifact([row], key=artifact_key(scope, result.stage, "outputs"),
                           description=f"**{result.stage}** `{result.key}` ({state})\n\n"
                                       f"summary: `{json.dumps(scalars, default=str)[:1500]}`")
 
@@ -133,9 +162,9 @@ def folder_link(store: ArtifactStore, url: str) -> str:
     return f"file://{url}" if store.is_local else url
 
 
-def publish_link(store: ArtifactStore, result: StageResult) -> None:
+def publish_link(store: ArtifactStore, result: StageResult, scope: str) -> None:
     create_link_artifact(folder_link(store, result.url), link_text=result.url,
-                         key=artifact_key(result.stage, "storage"),
+                         key=artifact_key(scope, result.stage, "storage"),
                          description=f"storage folder of {result.stage} `{result.key}` (manifest: `_manifest.json`)")
 
 
@@ -169,16 +198,16 @@ def _image_url(store: ArtifactStore, reader: StageReader, rel: str) -> str:
         return store.url(reader.stage, reader.key, rel)
 
 
-def publish_images(store: ArtifactStore, reader: StageReader) -> None:
+def publish_images(store: ArtifactStore, reader: StageReader, scope: str) -> None:
     images = preview_images(list(reader.files))
     if not images:
         return
     parts = [f"### {reader.stage} `{reader.key}`\n"] + [_image_markdown(store, reader, rel) for rel in images]
-    create_markdown_artifact("\n".join(parts), key=artifact_key(reader.stage, "images"),
+    create_markdown_artifact("\n".join(parts), key=artifact_key(scope, reader.stage, "images"),
                              description=f"{len(images)} preview image(s) of {reader.stage}")
     large = [rel for rel in images if int(reader.files[rel]["size"]) > INLINE_LIMIT]
     if large and not store.is_local:
-        create_image_artifact(_image_url(store, reader, large[-1]), key=artifact_key(reader.stage, "image"),
+        create_image_artifact(_image_url(store, reader, large[-1]), key=artifact_key(scope, reader.stage, "image"),
                               description=large[-1])
 
 
@@ -197,20 +226,28 @@ def curve_rows(table) -> list[dict]:
     return [{k: _clean(v) for k, v in row.items()} for row in rows]
 
 
-def publish_curves(reader: StageReader) -> None:
+def publish_curves(store: ArtifactStore, reader: StageReader, scope: str) -> None:
+    """The curves chart (``curves.png``, written by the stage) embedded in markdown, and the table beside it."""
     for rel in reader.list(suffix="metrics.parquet"):
         rows = curve_rows(reader.read_table(rel))
-        if rows:
-            create_table_artifact(rows, key=artifact_key(reader.stage, "curves"),
-                                  description=f"training curves from {rel} ({len(rows)} rows)")
-            return
+        if not rows:
+            continue
+        chart = rel.replace("metrics.parquet", "curves.png")
+        if chart in reader.files:
+            create_markdown_artifact(f"### {reader.stage} `{reader.key}`: training curves\n\n"
+                                     + _image_markdown(store, reader, chart),
+                                     key=artifact_key(scope, reader.stage, "curves-chart"),
+                                     description=f"{chart}: each loss term, grad norms, discriminator logits, step time")
+        create_table_artifact(rows, key=artifact_key(scope, reader.stage, "curves"),
+                              description=f"training curves from {rel} ({len(rows)} rows)")
+        return
 
 
-def publish_report(reader: StageReader) -> None:
+def publish_report(reader: StageReader, scope: str) -> None:
     reports = [f for f in reader.list(suffix=".md") if "/" not in f]
     if reports:
         text = "\n\n".join(reader.read_bytes(f).decode("utf-8", "replace") for f in reports)
-        create_markdown_artifact(text, key=artifact_key(reader.stage, "report"),
+        create_markdown_artifact(text, key=artifact_key(scope, reader.stage, "report"),
                                  description=f"{reader.stage} report ({', '.join(reports)})")
 
 
@@ -256,9 +293,9 @@ def summary_rows(summary) -> list[dict]:
     return flat
 
 
-def publish_summary(reader: StageReader) -> None:
+def publish_summary(reader: StageReader, scope: str) -> None:
     if "summary.json" in reader.files:
         rows = summary_rows(reader.read_json("summary.json"))
         if rows:
-            create_table_artifact(rows, key=artifact_key(reader.stage, "summary"),
+            create_table_artifact(rows, key=artifact_key(scope, reader.stage, "summary"),
                                   description=f"{reader.stage} summary.json")

@@ -134,6 +134,11 @@ def _dispatch(args) -> int:
     width = max(len(s) for s in results) if results else 0
     for stage, url in results.items():
         print(f"{stage:<{width}}  {url}")
+    from comat_core.store.storage import ArtifactStore
+    from flows.summary import closing_lines
+
+    for line in closing_lines(cfg, ArtifactStore(cfg.storage.root, cfg.storage.options), results):
+        print(line)
     return 0
 
 

@@ -48,6 +48,7 @@ from comat_core.errors import ConfigError, StorageError
 from comat_core.stages.registry import STAGES, compute_key
 from comat_core.preflight import build_config, preflight
 from flows._naming import parent_run_name
+from flows.logs import forward_to_runs
 from tasks.stage import config_payload, open_store, run_stage_task
 
 log = logging.getLogger("comat.flows")
@@ -128,6 +129,7 @@ def wait_for_parts(stage: str, runs: dict, retries: int = SHARD_RUN_RETRIES, pol
 def comat(config: dict | None = None, stages: list[str] | None = None, force: list[str] | None = None,
           dispatch: Literal["inline", "deployments"] = "inline", parallelism: int = 1) -> dict[str, str]:
     """Run the CoMat pipeline (prompts > [sdxl_prefinetune] > gan_gt > masks > train > evaluate)."""
+    forward_to_runs()
     if parallelism < 1:
         raise ConfigError(f"parallelism must be at least 1, not {parallelism}")
     if parallelism > 1 and dispatch != "deployments":
@@ -147,7 +149,36 @@ def comat(config: dict | None = None, stages: list[str] | None = None, force: li
             return run_stage_fanout(stage, cfg, forced, parallelism)
         return run_stage_deployment(stage, cfg, forced)
 
-    return {stage: run(stage, stage in (force or [])) for stage in order}
+    started, results, current = time.time(), {}, ""
+    try:
+        for stage in order:
+            current = stage
+            results[stage] = run(stage, stage in (force or []))
+    except BaseException as e:
+        publish_run_summary(cfg, results, started, failed=(current, e))
+        raise
+    publish_run_summary(cfg, results, started)
+    return results
+
+
+def publish_run_summary(cfg: ComatConfig, results: dict[str, str], started: float, failed=None) -> None:
+    """The parent run's summary artifact (``flows/summary.py``); its lines go to the run's log too."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from flows.artifacts import artifact_key, pipeline_scope
+    from flows.summary import closing_lines, headline_rows, stage_rows, summary_markdown
+
+    try:
+        store = open_store(cfg)
+        rows = stage_rows(cfg, store, results, started, failed)
+        closing = closing_lines(cfg, store, results) if not failed else []
+        text = summary_markdown(cfg, store, rows, headline_rows(store, results), closing, started)
+        create_markdown_artifact(text, key=artifact_key(pipeline_scope(cfg.preset, store.root_url), "run", "summary"),
+                                 description=f"{cfg.preset}: what each stage did, the evaluation, where the outputs are")
+        for r in rows:
+            log.info("%-16s %-8s %s %s", r["stage"], r["state"], r["key"], r["url"])
+    except Exception as e:  # noqa: BLE001 - a summary must never fail the run it describes
+        log.warning("could not publish the run summary: %s: %s", type(e).__name__, e)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,12 @@ from prefect import flow
 from comat_core.errors import ConfigError
 from comat_core.preflight import build_config, check_models
 from flows._naming import stage_run_name
+from flows.logs import forward_to_runs
 from tasks.stage import open_store, run_stage_task
 
 
 def run_one(stage: str, config: dict | None, force: bool, part: list[int] | None = None) -> str:
+    forward_to_runs()
     cfg = build_config(config)
     if stage not in cfg.stage_order():
         raise ConfigError(f"stage {stage} is not part of preset {cfg.preset}'s pipeline "

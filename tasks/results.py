@@ -16,7 +16,8 @@ Caching is unchanged: the stage manifest in storage remains the only cache. Pref
 only under a key, and a task whose key already holds a record is a Prefect cache hit that skips the
 stage; so the key is the task run's own id (``<stage>/<task run id>.json``), which no other run
 shares: every run executes, and its result is recorded. A persisted result is a record of what a
-run returned, never a reason to skip a stage.
+run returned, never a reason to skip a stage. A stage already complete in storage (a cache hit)
+is not persisted at all: a run that recomputes nothing writes nothing into the store.
 """
 
 from __future__ import annotations

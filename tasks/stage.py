@@ -14,8 +14,9 @@ The artifact store's manifest *is* the cache, and Prefect's own result cache is 
   the stage URL, which is recomputed from the key in milliseconds.
 * ``comat run`` (in-process) and deployments on remote workers then mean the same thing by "cached".
 
-Results are still *persisted* when the store is local or S3: ``run_stage_task`` writes them as
-JSON to ``<storage root>/_prefect-results/`` through a block without credentials (``tasks/results.py``).
+Results are still *persisted* when the store is local or S3 and the stage computes: ``run_stage_task``
+writes them as JSON to ``<storage root>/_prefect-results/`` through a block without credentials
+(``tasks/results.py``). A cache hit writes nothing into the store.
 
 Fan-out parts: ``part=[k, n]`` computes only the k-th of n slices of a sharded stage's shards and
 does not commit the stage (see ``comat_core/store/shards.py``); its run is named ``<stage>-<key> part k+1/n``.
@@ -164,14 +165,20 @@ def stage_task(stage: str, config: dict, force: bool = False, part: list[int] | 
     """Run one stage through ``comat_core.stages.registry.run_stage``; the state's data is the stage URL.
 
     ``part=[k, n]``: only the k-th of n slices of a sharded stage's shards, stage not committed."""
-    from flows.artifacts import ProgressReporter, publish_stage
+    from flows.artifacts import ProgressReporter, pipeline_scope, publish_stage
+    from flows.logs import forward_to_runs, quiet_libraries
 
+    forward_to_runs()
+    quiet_libraries()
     cfg = build_config(config)
     shard_part = ShardPart.parse(part)
     store = open_store(cfg)
     check_inputs(cfg, store, stage)
     key = compute_key(cfg, store, stage)
-    progress = ProgressReporter(stage, key)
+    scope = pipeline_scope(cfg.preset, store.root_url)
+    progress = ProgressReporter(stage, key, scope)
+    if force or store.read_manifest(stage, key) is None:
+        progress.start()  # a cache hit gets one note below, no progress bar
     t0 = time.time()
     try:
         result = run_stage(cfg, store, stage, force=force, progress=progress.update, hooks=test_hooks(stage),
@@ -185,7 +192,7 @@ def stage_task(stage: str, config: dict, force: bool = False, part: list[int] | 
         done = result.manifest["summary"]
         return Completed(message=f"{stage} {result.key}: part {shard_part}, {done['shards_generated']} of "
                                  f"{len(done['shards'])} shards computed in {seconds:.1f} s", data=result.url)
-    publish_stage(store, result, seconds)
+    publish_stage(store, result, seconds, scope)
     if result.cached:
         return Completed(name="Cached", message=f"{stage} {result.key}: manifest exists in storage", data=result.url)
     return Completed(message=f"{stage} {result.key}: computed in {seconds:.1f} s", data=result.url)
@@ -196,11 +203,24 @@ STAGE_TASKS = {name: stage_task.with_options(name=f"comat-{name}".replace("_", "
                for name, spec in STAGES.items()}
 
 
+def _complete(cfg: ComatConfig, stage: str, force: bool, part) -> bool:
+    """The stage is complete in storage and will be a cache hit: its task result is not persisted
+    (a hit writes nothing into the store; the manifest already says everything)."""
+    if force or part is not None:
+        return False
+    try:
+        store = open_store(cfg)
+        return store.read_manifest(stage, compute_key(cfg, store, stage)) is not None
+    except Exception:  # noqa: BLE001 - inputs missing or storage trouble: the task reports it
+        return False
+
+
 def run_stage_task(stage: str, cfg: ComatConfig, force: bool = False, part: list[int] | None = None) -> str:
     """Call the stage's task inside a flow and return its URL (raises if the task failed).
 
-    The result is persisted on the artifact store when it is local or S3 (``tasks/results.py``)."""
-    task = persisting(STAGE_TASKS[stage], cfg)
+    The result of a stage that computes is persisted on the artifact store when it is local or S3
+    (``tasks/results.py``); a cache hit's is not."""
+    task = STAGE_TASKS[stage] if _complete(cfg, stage, force, part) else persisting(STAGE_TASKS[stage], cfg)
     parameters = {"stage": stage, "config": config_payload(cfg), "force": force}
     if part is not None:
         parameters["part"] = list(part)

@@ -93,7 +93,9 @@ def test_full_pipeline_deployment_runs_on_a_local_worker_with_s3(services, e2e_e
     proc, log = worker
     run = _wait_final(flow_run_id, timeout=420)
     assert run.state.is_completed(), f"{run.state}\n--- worker log ---\n{Path(log).read_text()[-4000:]}"
-    assert run.name == "tiny: " + " > ".join(RUNNABLE)
+    from flows._naming import describe
+
+    assert run.name == describe(params["config"], None) and run.name.endswith(": " + " > ".join(RUNNABLE))
 
     cfg = load_config("tiny", overrides=FAST, extra={"storage": {"root": root}})
     store = ArtifactStore(cfg.storage.root)
@@ -102,11 +104,13 @@ def test_full_pipeline_deployment_runs_on_a_local_worker_with_s3(services, e2e_e
         assert store.read_manifest(stage, key) is not None, f"{stage} has no manifest in {root}"
 
     keys = _artifact_keys(run.id)
-    from flows.artifacts import artifact_key
+    from flows.artifacts import artifact_key, pipeline_scope
 
+    scope = pipeline_scope("tiny", store.root_url)
     for stage in RUNNABLE:
         for kind in ("progress", "outputs", "storage"):
-            assert artifact_key(stage, kind) in keys, (stage, kind, sorted(keys))
+            assert artifact_key(scope, stage, kind) in keys, (stage, kind, sorted(keys))
+    assert artifact_key(scope, "run", "summary") in keys
 
     # Fan-out: the last stage, forced, as a flow run of its own deployment under the parent.
     last = RUNNABLE[-1]
@@ -116,7 +120,7 @@ def test_full_pipeline_deployment_runs_on_a_local_worker_with_s3(services, e2e_e
     parent = _wait_final(parent_id, timeout=300)
     assert parent.state.is_completed(), f"{parent.state}\n--- worker log ---\n{Path(log).read_text()[-4000:]}"
     children = _child_runs(parent.id)
-    assert [c.name for c in children] == [f"tiny: {last} (force {last})"] and children[0].state.is_completed()
+    assert [c.name for c in children] == [describe(params["config"], [last], [last])] and children[0].state.is_completed()
     after = store.read_manifest(last, compute_key(cfg, store, last))
     assert after["finished_at"] > before["finished_at"]
 

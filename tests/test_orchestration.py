@@ -9,6 +9,7 @@ baseline run of the tiny preset (smallest settings) so each test pays only for w
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from comat_core.config import load_config
 from comat_core.errors import ConfigError, InputError, IntegrityError, StorageError
 from comat_core.stages.registry import compute_key, downstream
 from comat_core.store.storage import ArtifactStore
+from flows._naming import describe
 
 # The smallest tiny run: 4 prompts, 2 per shard, two training steps, one evaluation prompt.
 FAST = [
@@ -79,6 +81,22 @@ def task_runs(flow_run_id, expected: int, timeout: float = 30) -> dict[str, obje
         time.sleep(0.5)
 
 
+def run_logs(flow_run_id, expect: str, timeout: float = 30) -> list[str]:
+    """The flow run's log messages, oldest first, once one contains ``expect`` (logs arrive in batches)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    deadline = time.time() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                    sort=LogSort.TIMESTAMP_ASC, limit=200)
+        messages = [entry.message for entry in logs]
+        if any(expect in m for m in messages) or time.time() > deadline:
+            return messages
+
+
 def state_names(flow_run_id, stages: list[str]) -> dict[str, str]:
     return {s: r.state.name for s, r in task_runs(flow_run_id, len(stages)).items()}
 
@@ -125,11 +143,51 @@ def test_first_run_computes_every_stage_and_names_runs(baseline):
 
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(baseline["flow_run_id"])
-    assert flow_run.name == "tiny: " + " > ".join(RUNNABLE)
+    assert flow_run.name == describe(request(baseline["root"]), RUNNABLE)
+    assert re.fullmatch(r"tiny [0-9a-f]{6}@[0-9a-f]{6}: " + " > ".join(RUNNABLE), flow_run.name), flow_run.name
+
+
+def test_run_names_tell_pipelines_apart(tmp_path):
+    """Preset, a hash of everything set, a hash of the storage root: same request, same name."""
+    name = describe(request(tmp_path / "a"), None)
+    assert describe(request(tmp_path / "a"), None) == name
+    other_store, other_config = describe(request(tmp_path / "b"), None), describe(request(tmp_path / "a", "train.max_steps=3"), None)
+    assert len({name, other_store, other_config}) == 3
+    assert name.split("@")[1] == other_config.split("@")[1]  # same storage, same storage hash
+    assert name.split("@")[0] != other_config.split("@")[0] and name.split("@")[0].startswith("tiny ")
+
+
+def test_stage_lines_reach_the_flow_runs_logs(baseline):
+    """Not only state changes: what each stage did, in a few readable lines per stage."""
+    text = "\n".join(run_logs(baseline["flow_run_id"], "evaluate: computed in"))
+    keys = {s: m["key"] for s, m in baseline["manifests"].items()}
+    for stage in RUNNABLE:
+        assert f"{stage}: computing {baseline['results'][stage]}" in text, stage
+        assert f"{stage}: computed in" in text, stage
+    assert "gan_gt: 2 of 2 shards to compute" in text and "masks: 2 of 2 shards to compute" in text
+    assert "step 2/2: loss " in text and " | grad " in text and "D loss" in text  # a readable line, not a dict
+    assert "gan_gt: 4/4" in text  # progress, in tenths
+    assert "{'" not in text, text  # no dicts dumped
+    assert len(text.splitlines()) < 120, len(text.splitlines())
+    assert keys["train"] in text
+
+
+def all_files(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime for p in root.rglob("*") if p.is_file()}
 
 
 def test_second_run_is_all_cache_hits(baseline):
+    before = all_files(baseline["root"])
     results, flow_run_id, seconds = run_pipeline(baseline["root"])
+    assert all_files(baseline["root"]) == before  # a run of cache hits writes nothing into the store
+    arts = flow_run_artifacts(flow_run_id)
+    notes = sorted(a.key for a in arts if a.key.endswith("-outputs"))
+    assert notes == sorted(key_of(baseline, s, "outputs") for s in RUNNABLE)
+    assert sorted(a.key for a in arts) == sorted(notes + [key_of(baseline, "run", "summary")])  # nothing else
+    assert all(a.type == "markdown" and "cached, nothing recomputed" in a.data for a in arts if a.key in notes)
+    summary = next(a for a in arts if a.key == key_of(baseline, "run", "summary"))
+    assert "0 computed, 5 cached" in summary.data
+    assert all(f"{s}: cache hit" in "\n".join(run_logs(flow_run_id, "evaluate: cache hit")) for s in RUNNABLE)
     assert recomputed(baseline["manifests"], manifests(baseline["root"])) == set()
     assert set(state_names(flow_run_id, RUNNABLE).values()) == {"Cached"}
     # loose on purpose (a shared 2-core CI box): the real check is above, no stage function ran
@@ -309,36 +367,66 @@ def _latest_artifact(key: str, flow_run_id):
     return arts[0] if arts else None
 
 
-def test_each_stage_publishes_progress_outputs_and_storage_link(baseline):
-    from flows.artifacts import artifact_key
+def key_of(baseline, stage: str, kind: str) -> str:
+    from flows.artifacts import artifact_key, pipeline_scope
 
+    return artifact_key(pipeline_scope("tiny", ArtifactStore(str(baseline["root"])).root_url), stage, kind)
+
+
+def flow_run_artifacts(flow_run_id, timeout: float = 20) -> list:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+
+def test_parent_run_publishes_a_summary(baseline):
+    """Each stage's state, key, time and folder; the headline evaluation; where the outputs are."""
+    art = _latest_artifact(key_of(baseline, "run", "summary"), baseline["flow_run_id"])
+    assert art is not None and art.type == "markdown"
+    text = art.data
+    assert "5 computed, 0 cached" in text
+    for stage in RUNNABLE:
+        m = baseline["manifests"][stage]
+        assert re.search(rf"\| {stage} \| computed \| `{m['key']}` \| [0-9.]+ \| \[{re.escape(baseline['results'][stage])}\]", text), stage
+    summary = json.loads((Path(baseline["results"]["evaluate"]) / "summary.json").read_text())
+    color = summary["results"]["color"]
+    head = color["metrics"][color["headline_metric"]]
+    assert f"| color | {color['headline_metric']} | {head['base']:.4g} | {head['tuned']:.4g} | {head['delta']:.4g} |" in text
+    lora = f"{baseline['results']['train']}/lora"
+    assert f"LoRA:   {lora}" in text and f'pipe.load_lora_weights("{lora}")' in text
+    assert f"report: {baseline['results']['evaluate']}/report.md" in text
+
+
+def test_each_stage_publishes_progress_outputs_and_storage_link(baseline):
     run = baseline["flow_run_id"]
     for stage in RUNNABLE:
         manifest = baseline["manifests"][stage]
-        progress = _latest_artifact(artifact_key(stage, "progress"), run)
+        progress = _latest_artifact(key_of(baseline, stage, "progress"), run)
         assert progress is not None and progress.type == "progress" and float(progress.data) == 100.0
-        outputs = _latest_artifact(artifact_key(stage, "outputs"), run)
+        outputs = _latest_artifact(key_of(baseline, stage, "outputs"), run)
         row = json.loads(outputs.data)[0] if isinstance(outputs.data, str) else outputs.data[0]
         assert row["key"] == manifest["key"] and row["files"] == len(manifest["files"])
         assert row["bytes"] == sum(f["size"] for f in manifest["files"].values())
-        link = _latest_artifact(artifact_key(stage, "storage"), run)
+        link = _latest_artifact(key_of(baseline, stage, "storage"), run)
         assert manifest["key"] in link.data
 
 
 def test_stage_specific_artifacts_follow_the_manifest(baseline):
-    from flows.artifacts import artifact_key, preview_images
+    from flows.artifacts import preview_images
 
     run = baseline["flow_run_id"]
     for stage in RUNNABLE:
         files = list(baseline["manifests"][stage]["files"])
-        images = _latest_artifact(artifact_key(stage, "images"), run)
+        images = _latest_artifact(key_of(baseline, stage, "images"), run)
         assert (images is not None) == bool(preview_images(files)), stage
         if images is not None:
             assert "data:image/png;base64," in images.data or "](" in images.data
         has_metrics = any(f.endswith("metrics.parquet") for f in files)
-        assert (_latest_artifact(artifact_key(stage, "curves"), run) is not None) == has_metrics, stage
+        assert (_latest_artifact(key_of(baseline, stage, "curves"), run) is not None) == has_metrics, stage
         if "summary.json" in files:
-            assert _latest_artifact(artifact_key(stage, "summary"), run) is not None
+            assert _latest_artifact(key_of(baseline, stage, "summary"), run) is not None
 
 
 def test_progress_reporter_sends_throttled_updates_and_the_final_one(services):
@@ -356,7 +444,8 @@ def test_progress_reporter_sends_throttled_updates_and_the_final_one(services):
 
     @flow(name="comat-progress-probe")
     def probe() -> list[float]:
-        reporter = ProgressReporter("gan_gt", "0123456789abcdef", every=600)
+        reporter = ProgressReporter("gan_gt", "0123456789abcdef", "tiny-probe", every=600)
+        reporter.start()
         seen = [progress(reporter.id)]
         reporter.update(1, 10, "shard 0")
         reporter.update(2, 10, "shard 1")  # within `every` of the last update: not sent
@@ -371,9 +460,11 @@ def test_progress_reporter_sends_throttled_updates_and_the_final_one(services):
 def test_artifact_helpers():
     import pyarrow as pa
 
-    from flows.artifacts import artifact_key, curve_rows, preview_images, summary_rows
+    from flows.artifacts import artifact_key, curve_rows, pipeline_scope, preview_images, summary_rows
 
-    assert artifact_key("gan_gt", "images") == "comat-gan-gt-images"
+    assert artifact_key("tiny-sdxl-0a1b2c", "gan_gt", "images") == "comat-tiny-sdxl-0a1b2c-gan-gt-images"
+    assert pipeline_scope("tiny", "/a") != pipeline_scope("tiny", "/b") != pipeline_scope("sd15", "/b")
+    assert re.fullmatch(r"sd15-[0-9a-f]{6}", pipeline_scope("sd15", "s3://bucket/comat"))
     table = pa.table({"step": list(range(1000)), "loss": [1.0 / (i + 1) for i in range(1000)]})
     rows = curve_rows(table)
     assert len(rows) <= 200 and rows[0]["step"] == 0 and rows[-1]["step"] == 999

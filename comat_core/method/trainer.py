@@ -595,7 +595,7 @@ def resume(tr: Training, writer: StageWriter, loop: LoopState, cleanup: bool = T
     loop.step, loop.position, loop.metrics = meta["step"], meta["data_position"], meta["metrics"]
     loop.resumed_from = loop.step
     _register_samples(writer, loop.step)
-    log.info("resumed from checkpoint step %d", loop.step)
+    log.info("train: resumed from step %d (checkpoint %s)", loop.step, ref.folder)
     return True
 
 
@@ -713,7 +713,7 @@ def train(cfg: ComatConfig, sources: TrainingSources, writer: StageWriter, scrat
         loop.metrics.append(logs)
         if main and (loop.step % tc.log_every == 0 or loop.step == tc.max_steps):
             accelerator.log(_numeric(logs), step=loop.step)
-            log.info("step %d: %s", loop.step, {k: round(v, 5) for k, v in _numeric(logs).items()})
+            log.info("step %d/%d: %s", loop.step, tc.max_steps, step_line(logs))
         progress(loop.step, tc.max_steps, f"step {loop.step}/{tc.max_steps} loss {logs['loss']:.4f}")
         if main and (loop.step % tc.validation_every == 0 or loop.step == tc.max_steps):
             write_validation(tr, writer, loop.step)
@@ -744,6 +744,21 @@ def train(cfg: ComatConfig, sources: TrainingSources, writer: StageWriter, scrat
         "files": len(files),
         "seconds": round(time.time() - t_start, 3),
     }
+
+
+def step_line(logs: dict) -> str:
+    """One readable line of a step's logs: total and per-term losses, grad norms, D logits, seconds."""
+    def num(key: str, fmt: str = ".4g") -> str:
+        v = logs.get(key)
+        return format(v, fmt) if isinstance(v, (int, float)) and not math.isnan(v) else "-"
+
+    terms = [k for k in logs if k.endswith("_loss") and k not in ("loss", "d_loss")]
+    parts = [f"loss {num('loss')}" + (f" ({', '.join(f'{k[:-5]} {num(k)}' for k in terms)})" if terms else "")]
+    parts.append(f"grad {num('grad_norm_g', '.3g')}")
+    if "d_loss" in logs:
+        parts.append(f"D loss {num('d_loss')} real {num('d_real_logit', '.3g')} fake {num('d_fake_logit', '.3g')}")
+    parts.append(f"{num('step_seconds', '.2f')} s")
+    return " | ".join(parts)
 
 
 def _flat_config(cfg: ComatConfig) -> dict:

@@ -40,11 +40,10 @@ from collections import OrderedDict
 
 import pyarrow as pa
 import torch
-from tqdm.auto import tqdm
 
 from comat_core.errors import InputError, IntegrityError
 from comat_core.stages.prompts import read_prompts
-from comat_core.store.shards import check_fail_hook, part_summary, shards_to_do
+from comat_core.store.shards import check_fail_hook, part_summary, shard_bar, shards_to_do
 
 log = logging.getLogger("comat.gan_gt")
 
@@ -168,8 +167,7 @@ def run(ctx) -> dict:
     device = resolve_device(ctx.cfg)
     speed = _Throughput()
     pipe = None
-    bar = tqdm(total=len(work), initial=len(work) - sum(len(shards[n]) for n in pending), unit="img",
-               desc="gan_gt", dynamic_ncols=True)
+    bar = shard_bar(len(work), len(work) - sum(len(shards[n]) for n in pending), "gan_gt")
     try:
         for n in pending:
             check_fail_hook(ctx, n)

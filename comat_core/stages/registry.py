@@ -35,6 +35,27 @@ def _no_progress(done: int, total: int, message: str = "") -> None:
     pass
 
 
+def logged_progress(stage: str, progress: ProgressFn, buckets: int = 10) -> ProgressFn:
+    """``progress`` that also logs one line each time the stage crosses another tenth of its work
+    (and at the end), so a run's log reads as a handful of lines per stage, not one per image."""
+    seen: set[int] = set()
+    last = [0]
+    stage_log = logging.getLogger(f"comat.{stage}")
+
+    def report(done: int, total: int, message: str = "") -> None:
+        progress(done, total, message)
+        if done < last[0]:  # a new phase (evaluate: generation, then scoring)
+            seen.clear()
+        last[0] = done
+        bucket = buckets if not total or done >= total else int(buckets * done / total)
+        if bucket not in seen and (bucket > 0 or done == total):
+            seen.add(bucket)
+            text = message.removeprefix(f"{stage}: ")
+            stage_log.info("%s: %d/%d%s", stage, done, total, f" ({text})" if text else "")
+
+    return report
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -69,7 +90,7 @@ STAGES: dict[str, Stage] = {
         Stage("train", ("prompts", "gan_gt", "masks", "sdxl_prefinetune"), "2", "comat_core.stages.train.stage:run",
               models=("family", "pretrained", "vae", "captioner", "discriminator"),
               runtime=("mixed_precision", "seed"), gpu=True,
-              records=("metrics.parquet", "logs/*", "checkpoints/*")),
+              records=("metrics.parquet", "curves.png", "logs/*", "checkpoints/*")),
         Stage("evaluate", ("train", "sdxl_prefinetune"), "1", "comat_core.stages.evaluate.stage:run",
               models=("family", "pretrained", "vae", "vqa", "clip", "grounding_dino", "captioner"),
               runtime=("mixed_precision",), gpu=True, sharded=True),
@@ -228,7 +249,8 @@ def run_stage(cfg: ComatConfig, store: ArtifactStore, stage: str, *, force: bool
         return StageResult(stage, key, store.stage_url(stage, key), True, manifest)
     inputs = {n: store.reader(n, compute_key(cfg, store, n)) for n in stage_inputs(cfg, stage)}
     writer = store.writer(stage, key)
-    ctx = StageContext(with_world_models(cfg, inputs), store, stage, key, writer, inputs, progress or _no_progress,
+    ctx = StageContext(with_world_models(cfg, inputs), store, stage, key, writer, inputs,
+                       logged_progress(stage, progress or _no_progress),
                        hooks or {}, shard_part)
     log.info("%s: computing %s", stage, writer.url)
     t0 = time.time()
@@ -238,6 +260,7 @@ def run_stage(cfg: ComatConfig, store: ArtifactStore, stage: str, *, force: bool
         if ctx.workdir is not None:
             shutil.rmtree(ctx.workdir, ignore_errors=True)
     summary.setdefault("seconds", round(time.time() - t0, 3))
+    log.info("%s: computed in %.1f s", stage, time.time() - t0)
     if shard_part is not None:
         log.info("%s: part %s done in %s (stage not committed)", stage, shard_part, writer.url)
         return StageResult(stage, key, writer.url, False, {"summary": summary}, partial=True)

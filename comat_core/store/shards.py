@@ -17,6 +17,7 @@ contiguous, so an ``evaluate`` part mostly loads one of its two models.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -62,7 +63,26 @@ def shards_to_do(ctx, names: Sequence[str]) -> list[int]:
     their files registered with the writer."""
     part = ctx.shard_part
     selected = part.select(len(names)) if part is not None else range(len(names))
-    return [k for k in selected if not ctx.writer.shard_done(names[k])]
+    todo = [k for k in selected if not ctx.writer.shard_done(names[k])]
+    scope = f"part {part}: " if part is not None else ""
+    done = len(selected) - len(todo)
+    logging.getLogger(f"comat.{ctx.stage}").info(
+        "%s: %s%d of %d shards to compute%s", ctx.stage, scope, len(todo), len(selected),
+        f", {done} complete from an earlier run (verified, kept)" if done else "")
+    return todo
+
+
+def shard_bar(total: int, initial: int, desc: str):
+    """A tqdm bar over a stage's images, drawn only on a terminal: on a worker (output to a log) it
+    still counts (stages report ``bar.n``) but writes nothing, so bars never interleave with logs."""
+    import os
+    import sys
+
+    from tqdm.auto import tqdm
+
+    quiet = not sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, unit="img", desc=desc, dynamic_ncols=True,
+                file=open(os.devnull, "w") if quiet else None)
 
 
 def check_fail_hook(ctx, position: int, name: str = "") -> None:

@@ -31,11 +31,10 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
-from tqdm.auto import tqdm
 
 from comat_core.errors import InputError
 from comat_core.stages.prompts import read_prompts
-from comat_core.store.shards import check_fail_hook, part_summary, shards_to_do
+from comat_core.store.shards import check_fail_hook, part_summary, shard_bar, shards_to_do
 from comat_core.stages.masks.encoding import encode_mask
 from comat_core.stages.masks.reader import resize_mask
 
@@ -159,8 +158,7 @@ def _compute_shards(ctx, gt, shards: list[list], pending: list[int]) -> _Tally:
     precision = weight_dtype(ctx.cfg, device)
     models = None
     total = sum(len(s) for s in shards)
-    bar = tqdm(total=total, initial=total - sum(len(shards[n]) for n in pending), unit="img", desc="masks",
-               dynamic_ncols=True)
+    bar = shard_bar(total, total - sum(len(shards[n]) for n in pending), "masks")
     try:
         for n in pending:
             check_fail_hook(ctx, n)

@@ -1,0 +1,116 @@
+"""What a pipeline run did, in one place: the parent run's summary artifact and ``comat run``'s last lines.
+
+``stage_rows`` reads each stage's manifest back from the store (so it means the same for inline
+stages and for stages run as deployments on other workers): computed in this run or cached, key,
+seconds, folder. ``closing_lines`` says where the evaluation report, the grid and the LoRA are and
+how to load the LoRA in diffusers. ``summary_markdown`` puts both together with the headline
+evaluation result (base vs tuned per category, with the 95 % interval of the paired difference).
+"""
+
+from __future__ import annotations
+
+import time
+
+from comat_core.config import ComatConfig
+from comat_core.store.storage import ArtifactStore
+
+
+def stage_rows(cfg: ComatConfig, store: ArtifactStore, results: dict[str, str], started: float,
+               failed: tuple[str, BaseException] | None = None) -> list[dict]:
+    """One row per stage run: stage, state (computed / cached / failed), key, seconds, url."""
+    rows = []
+    for stage, url in results.items():
+        key = url.rstrip("/").rsplit("/", 1)[-1]
+        manifest = store.read_manifest(stage, key) or {}
+        computed = float(manifest.get("finished_at", 0)) >= started
+        rows.append({"stage": stage, "state": "computed" if computed else "cached", "key": key,
+                     "seconds": round(float(manifest.get("seconds", 0.0)), 1) if computed else 0.0, "url": url})
+    if failed:
+        stage, error = failed
+        rows.append({"stage": stage, "state": "failed", "key": "", "seconds": 0.0,
+                     "url": f"{type(error).__name__}: {error}"[:300]})
+    return rows
+
+
+def headline_rows(store: ArtifactStore, results: dict[str, str]) -> list[dict]:
+    """The evaluation's headline metric per category (base, tuned, delta, 95 % CI), [] without evaluate."""
+    from flows.artifacts import result_rows
+
+    url = results.get("evaluate")
+    if not url:
+        return []
+    manifest = store.read_manifest("evaluate", url.rstrip("/").rsplit("/", 1)[-1])
+    if manifest is None or "summary.json" not in manifest.get("files", {}):
+        return []
+    from comat_core.store.storage import StageReader
+
+    summary = StageReader(store, "evaluate", manifest["key"], manifest).read_json("summary.json")
+    return [r for r in result_rows(summary.get("results", {})) if r["headline"]]
+
+
+def closing_lines(cfg: ComatConfig, store: ArtifactStore, results: dict[str, str]) -> list[str]:
+    """Where the report, the grid and the LoRA are, and the lines that load the LoRA in diffusers."""
+    lines = []
+    if "evaluate" in results:
+        lines += [f"report: {store_path(store, results['evaluate'], 'report.md')}",
+                  f"grid:   {store_path(store, results['evaluate'], 'grid.png')}"]
+    if "train" not in results:
+        return lines
+    lora = store_path(store, results["train"], "lora")
+    lines.append(f"LoRA:   {lora}")
+    if not store.is_local:
+        lines.append(f"        copy it first: python -c \"import fsspec; fsspec.filesystem('{lora.split('://')[0]}')"
+                     f".get('{lora}', 'lora', recursive=True)\" (then use 'lora' below)")
+    sdxl = cfg.models.family == "sdxl"
+    pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    model = cfg.models.pretrained
+    if model.startswith("tiny://"):
+        model_expr = f'resolve_model("{model}")'
+        lines.append("load it in diffusers (tiny models are built by comat: "
+                     "from comat_core.models.loader import resolve_model):")
+    else:
+        model_expr = f'"{model}"'
+        lines.append("load it in diffusers:")
+    lines += ["    import torch",
+              f"    from diffusers import {pipeline}",
+              f"    pipe = {pipeline}.from_pretrained({model_expr}, torch_dtype=torch.float16).to(\"cuda\")"]
+    if "sdxl_prefinetune" in results:
+        lines += ["    from diffusers import UNet2DConditionModel",
+                  f"    pipe.unet = UNet2DConditionModel.from_pretrained(\"{store_path(store, results['sdxl_prefinetune'], 'unet')}\","
+                  " torch_dtype=torch.float16).to(\"cuda\")"]
+    lines += [f"    pipe.load_lora_weights(\"{lora if store.is_local else 'lora'}\")",
+              "    image = pipe(\"a red book and a yellow vase\").images[0]"]
+    return lines
+
+
+def store_path(store: ArtifactStore, stage_url: str, rel: str) -> str:
+    return f"{stage_url.rstrip('/')}/{rel}"
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def summary_markdown(cfg: ComatConfig, store: ArtifactStore, rows: list[dict], headline: list[dict],
+                     closing: list[str], started: float) -> str:
+    from flows.artifacts import folder_link
+
+    total = time.time() - started
+    counts = {s: sum(r["state"] == s for r in rows) for s in ("computed", "cached", "failed")}
+    out = [f"## comat run: preset `{cfg.preset}`, storage `{store.root_url}`",
+           f"{counts['computed']} computed, {counts['cached']} cached"
+           + (f", **{counts['failed']} failed**" if counts["failed"] else "") + f" in {total:.0f} s\n",
+           "| stage | state | key | seconds | folder |", "|---|---|---|---|---|"]
+    for r in rows:
+        folder = r["url"] if r["state"] == "failed" else f"[{r['url']}]({folder_link(store, r['url'])})"
+        out.append(f"| {r['stage']} | {r['state']} | `{r['key']}` | {r['seconds']:g} | {folder} |")
+    if headline:
+        out += ["", "### Evaluation (headline metric per category; delta = tuned - base, 95 % CI over prompts)", "",
+                "| category | metric | base | tuned | delta | 95 % CI | pairs |", "|---|---|---|---|---|---|---|"]
+        for h in headline:
+            ci = f"[{_fmt(h['ci95_low'])}, {_fmt(h['ci95_high'])}]"
+            out.append(f"| {h['category']} | {h['metric']} | {_fmt(h['base'])} | {_fmt(h['tuned'])} | "
+                       f"{_fmt(h['delta'])} | {ci} | {_fmt(h['pairs'])} |")
+    if closing:
+        out += ["", "### Outputs", "", "```", *closing, "```"]
+    return "\n".join(out)
