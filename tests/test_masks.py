@@ -295,3 +295,22 @@ def test_benchmark_runs_the_stage_code_on_the_tiny_preset(tmp_path, monkeypatch)
     assert result["image_size"] == [64, 64] and result["batch_size"] == 2
     assert result["masks_per_batch"] == 4  # thresholds 0: both nouns of both images get boxes and masks
     assert result["images_per_s"] > 0 and json.loads((tmp_path / "masks.json").read_text())["benchmark"] == "masks"
+
+
+def test_masks_preview_tints_each_detected_entity_and_lists_the_missing_ones():
+    from comat_core.stages.masks.encoding import encode_mask
+    from comat_core.stages.masks.preview import MIN_SIDE, overlay, pick_images
+
+    mask = np.zeros((8, 8), bool)
+    mask[2:6, 2:6] = True
+    rows = [{"prompt_id": "a", "noun": "cat", "detected": False, "mask": None, "mask_resolution": 8, "encoding": "rle"},
+            {"prompt_id": "b", "noun": "dog", "detected": True, "mask": encode_mask(mask, "rle"),
+             "mask_resolution": 8, "encoding": "rle"},
+            {"prompt_id": "b", "noun": "hat", "detected": False, "mask": None, "mask_resolution": 8, "encoding": "rle"}]
+    assert pick_images(rows) == [("b", 0), ("a", 0)]  # images with a detected entity first
+    image = np.full((16, 16, 3), 100, np.uint8)
+    out = np.asarray(overlay(image, [r for r in rows if r["prompt_id"] == "b"]))
+    scale = MIN_SIDE // 16
+    assert out.shape == (16 * scale + 14, 16 * scale, 3)  # enlarged, plus a caption line
+    assert (out[15 * scale // 2 + 8, 15 * scale // 2 + 8] != 100).any()  # inside the mask: tinted
+    assert (out[scale, 15 * scale] == 100).all()  # outside: untouched

@@ -427,6 +427,12 @@ def test_stage_specific_artifacts_follow_the_manifest(baseline):
         assert (_latest_artifact(key_of(baseline, stage, "curves"), run) is not None) == has_metrics, stage
         if "summary.json" in files:
             assert _latest_artifact(key_of(baseline, stage, "summary"), run) is not None
+    assert "overlay.png" in baseline["manifests"]["masks"]["files"]  # the masks preview
+    masks_images = _latest_artifact(key_of(baseline, "masks", "images"), run)
+    assert "**overlay.png**" in masks_images.data
+    assert "curves.png" in baseline["manifests"]["train"]["files"]  # the chart, beside the table
+    chart = _latest_artifact(key_of(baseline, "train", "curves-chart"), run)
+    assert chart.type == "markdown" and "![curves.png](data:image/png;base64," in chart.data
 
 
 def test_progress_reporter_sends_throttled_updates_and_the_final_one(services):

@@ -66,8 +66,9 @@ class Stage:
     runtime: tuple[str, ...] = ()  # fields of cfg.runtime that change this stage's output
     gpu: bool = False
     sharded: bool = False  # commits shards and accepts a ShardPart (fan-out over workers, comat_core/store/shards.py)
-    # files that record how the run went (timings, tracker logs, resume checkpoints), not its result:
-    # they stay out of the dependants' keys (``content_digest``), so a rerun with the same result keeps them
+    # files that record how the run went or show it (timings, tracker logs, resume checkpoints, previews),
+    # not its result: they stay out of the dependants' keys (``content_digest``), so neither a rerun with
+    # the same result nor a change to how a preview is drawn invalidates the stages after it
     records: tuple[str, ...] = ()
 
     def run_fn(self) -> Callable[["StageContext"], dict]:
@@ -83,14 +84,15 @@ STAGES: dict[str, Stage] = {
         Stage("sdxl_prefinetune", ("prompts",), "1", "comat_core.stages.prefinetune:run",
               models=("family", "pretrained", "vae"), runtime=("mixed_precision", "seed"), gpu=True, sharded=True),
         Stage("gan_gt", ("prompts", "sdxl_prefinetune"), "2", "comat_core.stages.gan_gt:run",
-              models=("family", "pretrained", "vae"), runtime=("mixed_precision",), gpu=True, sharded=True),
+              models=("family", "pretrained", "vae"), runtime=("mixed_precision",), gpu=True, sharded=True,
+              records=("preview.png",)),
         Stage("masks", ("prompts", "gan_gt"), "2", "comat_core.stages.masks.stage:run",
               models=("family", "pretrained", "vae", "grounding_dino", "sam", "sam_checkpoint", "sam_model_type"),
-              runtime=("mixed_precision",), gpu=True, sharded=True),
+              runtime=("mixed_precision",), gpu=True, sharded=True, records=("overlay.png",)),
         Stage("train", ("prompts", "gan_gt", "masks", "sdxl_prefinetune"), "2", "comat_core.stages.train.stage:run",
               models=("family", "pretrained", "vae", "captioner", "discriminator"),
               runtime=("mixed_precision", "seed"), gpu=True,
-              records=("metrics.parquet", "curves.png", "logs/*", "checkpoints/*")),
+              records=("metrics.parquet", "curves.png", "samples/*", "logs/*", "checkpoints/*")),
         Stage("evaluate", ("train", "sdxl_prefinetune"), "1", "comat_core.stages.evaluate.stage:run",
               models=("family", "pretrained", "vae", "vqa", "clip", "grounding_dino", "captioner"),
               runtime=("mixed_precision",), gpu=True, sharded=True),

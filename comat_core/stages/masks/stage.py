@@ -18,6 +18,7 @@ Layout (shards of ``masks.shard_size`` prompts that have kept entities, committe
   resolution) and ``encoding`` (``bitpack`` or ``rle``).
 * ``index-NNNNN.parquet``: the shard's (``prompt_id``, ``sample``) pairs, so the reader opens only the
   shards it needs.
+* ``overlay.png``: a preview, a few images with their masks overlaid and labelled (``preview.py``).
 
 An entity that is not detected (no box over the thresholds, or SAM's masks empty) is stored with
 ``detected=False`` and no mask — never as an all-zero mask that the trainer would supervise.
@@ -133,7 +134,9 @@ def run(ctx) -> dict:
         return part_summary(ctx, names, len(pending)) | {"images": tally.images}
     metas = [ctx.writer.shard_meta(shard_name(n))["meta"] for n in range(len(shards))]
     resolutions = sorted({m["mask_resolution"] for m in metas})
+    preview = _write_preview(ctx, gt) if shards else None
     return {
+        "preview": preview,
         "prompts": len(prompts), "prompts_without_entities": without,
         "prompts_masked": len({p["prompt_id"] for p, _, _ in work}), "samples_masked": len(work),
         "entities_kept": sum(m["entities"] for m in metas), "entities_detected": sum(m["detected"] for m in metas),
@@ -144,6 +147,25 @@ def run(ctx) -> dict:
         "images_per_s": round(tally.images / tally.seconds, 4) if tally.seconds else 0.0,
         "masks_per_s": round(tally.detected / tally.seconds, 4) if tally.seconds else 0.0,
     }
+
+
+def _write_preview(ctx, gt) -> str | None:
+    """``overlay.png``: the first shard's images with their masks (``preview.py``), decoded with the VAE."""
+    from torch import no_grad
+
+    from comat_core.runtime import free_memory, resolve_device, weight_dtype
+    from comat_core.stages.gan_gt import config_vae, decode_latents
+    from comat_core.stages.masks.preview import write_overlay
+
+    device = resolve_device(ctx.cfg)
+    vae = config_vae(ctx.cfg, weight_dtype(ctx.cfg, device), device)
+    try:
+        with no_grad():
+            return write_overlay(ctx, gt, lambda images: decode_latents(
+                vae, gt.latents([p for p, _ in images], [k for _, k in images])).float(), masks_file(0))
+    finally:
+        del vae
+        free_memory()
 
 
 def _compute_shards(ctx, gt, shards: list[list], pending: list[int]) -> _Tally:
