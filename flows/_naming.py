@@ -24,7 +24,8 @@ def describe(config: dict | None, stages: list[str] | None, force: list[str] | N
         store_hash = pipeline_scope(preset, ArtifactStore(cfg.storage.root, cfg.storage.options).root_url)
         label = f"{preset} {hashlib.sha256(values.encode()).hexdigest()[:6]}@{store_hash.rsplit('-', 1)[-1]}"
     except Exception:  # noqa: BLE001 - a name must never fail the run; the flow reports the error
-        label, order = (config or {}).get("preset") or "config", list(stages or [])
+        preset = config.get("preset") if isinstance(config, dict) else getattr(config, "preset", None)
+        label, order = preset or "config", list(stages or [])
     chosen = [s for s in order if not stages or s in stages]
     text = f"{label}: {' > '.join(chosen) or 'no stages'}"
     return text + (f" (force {', '.join(force)})" if force else "")

@@ -42,11 +42,12 @@ import time
 from typing import Literal
 
 from prefect import flow
+from prefect.states import Failed, State
 
 from comat_core.config import ComatConfig
-from comat_core.errors import ConfigError, StorageError
+from comat_core.errors import ComatError, ConfigError, StorageError
 from comat_core.stages.registry import STAGES, compute_key
-from comat_core.preflight import build_config, preflight
+from comat_core.preflight import ConfigRequest, StageName, build_config, preflight
 from flows._naming import parent_run_name
 from flows.logs import forward_to_runs
 from tasks.stage import config_payload, open_store, run_stage_task
@@ -126,17 +127,25 @@ def wait_for_parts(stage: str, runs: dict, retries: int = SHARD_RUN_RETRIES, pol
 
 
 @flow(name="comat", flow_run_name=parent_run_name, validate_parameters=True)
-def comat(config: dict | None = None, stages: list[str] | None = None, force: list[str] | None = None,
-          dispatch: Literal["inline", "deployments"] = "inline", parallelism: int = 1) -> dict[str, str]:
-    """Run the CoMat pipeline (prompts > [sdxl_prefinetune] > gan_gt > masks > train > evaluate)."""
+def comat(config: ConfigRequest | None = None, stages: list[StageName] | None = None,
+          force: list[StageName] | None = None, dispatch: Literal["inline", "deployments"] = "inline",
+          parallelism: int = 1) -> dict[str, str]:
+    """Run the CoMat pipeline (prompts > [sdxl_prefinetune] > gan_gt > masks > train > evaluate).
+
+    ``config``: preset, config file, overrides, storage, prompts. ``stages``: only these (their inputs
+    must be in storage). ``force``: recompute these. ``dispatch``/``parallelism``: see the module."""
     forward_to_runs()
-    if parallelism < 1:
-        raise ConfigError(f"parallelism must be at least 1, not {parallelism}")
-    if parallelism > 1 and dispatch != "deployments":
-        raise ConfigError("parallelism > 1 spreads shards over the workers of the GPU pool: use "
-                          "dispatch=deployments (the comat/full-pipeline-fanout deployment)")
-    cfg = build_config(config)
-    preflight(cfg, stages=stages, force=force)
+    try:
+        if parallelism < 1:
+            raise ConfigError(f"parallelism must be at least 1, not {parallelism}")
+        if parallelism > 1 and dispatch != "deployments":
+            raise ConfigError("parallelism > 1 spreads shards over the workers of the GPU pool: use "
+                              "dispatch=deployments (the comat/full-pipeline-fanout deployment)")
+        require_storage(config)
+        cfg = build_config(config)
+        preflight(cfg, stages=stages, force=force)
+    except ComatError as e:
+        return refuse(e)
     order = [s for s in cfg.stage_order() if not stages or s in stages]
     skipped = sorted(set(force or []) - set(order))
     if skipped:
@@ -159,6 +168,31 @@ def comat(config: dict | None = None, stages: list[str] | None = None, force: li
         raise
     publish_run_summary(cfg, results, started)
     return results
+
+
+def require_storage(config) -> None:
+    """A deployment run must name its storage: the preset's default (``./comat-artifacts/...``) would
+    resolve inside the worker's code folder, where no other worker or run finds it."""
+    from prefect.runtime import deployment, flow_run
+
+    if deployment.id is None:  # comat run, or a flow called in-process: the default folder is fine
+        return
+    request = config.model_dump(exclude_none=True) if isinstance(config, ConfigRequest) else dict(config or {})
+    values = request.get("values") or {}
+    if request.get("storage") or request.get("config_file") or (values.get("storage") or {}).get("root"):
+        return
+    raise ConfigError(f"deployment {flow_run.flow_name}/{deployment.name} needs config.storage (the artifact "
+                      "store every worker reads, e.g. s3://bucket/comat): pass it in the run's parameters, "
+                      "e.g. --params '{\"config\": {\"storage\": \"s3://bucket/comat\"}}', or set it in "
+                      "the deployment's parameters")
+
+
+def refuse(error: ComatError) -> State:
+    """A run refused at its start: the CLI's one line as the run's state and log, no traceback.
+
+    The state carries the error, so an in-process caller (``comat run``) gets it raised again."""
+    log.error("comat: error: %s", error)
+    return Failed(message=f"comat: error: {error}", data=error)
 
 
 def publish_run_summary(cfg: ComatConfig, results: dict[str, str], started: float, failed=None) -> None:

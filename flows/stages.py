@@ -15,62 +15,68 @@ from __future__ import annotations
 
 from prefect import flow
 
-from comat_core.errors import ConfigError
-from comat_core.preflight import build_config, check_models
+from comat_core.errors import ComatError, ConfigError
+from comat_core.preflight import ConfigRequest, build_config, check_models
 from flows._naming import stage_run_name
 from flows.logs import forward_to_runs
+from flows.pipeline import refuse, require_storage
 from tasks.stage import open_store, run_stage_task
 
 
-def run_one(stage: str, config: dict | None, force: bool, part: list[int] | None = None) -> str:
+def run_one(stage: str, config: ConfigRequest | None, force: bool, part: list[int] | None = None):
+    """Check the request (a refusal is one line, ``flows.pipeline.refuse``), then run the stage's task."""
     forward_to_runs()
-    cfg = build_config(config)
-    if stage not in cfg.stage_order():
-        raise ConfigError(f"stage {stage} is not part of preset {cfg.preset}'s pipeline "
-                          f"({', '.join(cfg.stage_order())}); check sdxl_prefinetune.enabled / models.family")
-    open_store(cfg).check_reachable()
-    check_models(cfg, [stage])
+    try:
+        require_storage(config)
+        cfg = build_config(config)
+        if stage not in cfg.stage_order():
+            raise ConfigError(f"stage {stage} is not part of preset {cfg.preset}'s pipeline "
+                              f"({', '.join(cfg.stage_order())}); check sdxl_prefinetune.enabled / models.family")
+        open_store(cfg).check_reachable()
+        check_models(cfg, [stage])
+    except ComatError as e:
+        return refuse(e)
     return run_stage_task(stage, cfg, force=force, part=part)
 
 
 @flow(name="comat-world", flow_run_name=stage_run_name)
-def world(config: dict | None = None, force: bool = False) -> str:
+def world(config: ConfigRequest | None = None, force: bool = False) -> str:
     """A controlled world (world.kind: shapes): train its base model and captioner, or copy the shipped ones."""
     return run_one("world", config, force)
 
 
 @flow(name="comat-prompts", flow_run_name=stage_run_name)
-def prompts(config: dict | None = None, force: bool = False) -> str:
+def prompts(config: ConfigRequest | None = None, force: bool = False) -> str:
     """Read, deduplicate and parse the prompt sources into prompts.parquet."""
     return run_one("prompts", config, force)
 
 
 @flow(name="comat-sdxl-prefinetune", flow_run_name=stage_run_name)
-def sdxl_prefinetune(config: dict | None = None, force: bool = False, part: list[int] | None = None) -> str:
+def sdxl_prefinetune(config: ConfigRequest | None = None, force: bool = False, part: list[int] | None = None) -> str:
     """SDXL only: generate 1024-px images, resize to 512 and fine-tune the UNet on them."""
     return run_one("sdxl_prefinetune", config, force, part)
 
 
 @flow(name="comat-gan-gt", flow_run_name=stage_run_name)
-def gan_gt(config: dict | None = None, force: bool = False, part: list[int] | None = None) -> str:
+def gan_gt(config: ConfigRequest | None = None, force: bool = False, part: list[int] | None = None) -> str:
     """Generate the GAN ground-truth latents from the training prompts (sharded)."""
     return run_one("gan_gt", config, force, part)
 
 
 @flow(name="comat-masks", flow_run_name=stage_run_name)
-def masks(config: dict | None = None, force: bool = False, part: list[int] | None = None) -> str:
+def masks(config: ConfigRequest | None = None, force: bool = False, part: list[int] | None = None) -> str:
     """Detect and segment each prompt's nouns in the gan_gt images (sharded)."""
     return run_one("masks", config, force, part)
 
 
 @flow(name="comat-train", flow_run_name=stage_run_name)
-def train(config: dict | None = None, force: bool = False) -> str:
+def train(config: ConfigRequest | None = None, force: bool = False) -> str:
     """CoMat LoRA fine-tuning (resumes from the latest complete checkpoint)."""
     return run_one("train", config, force)
 
 
 @flow(name="comat-evaluate", flow_run_name=stage_run_name)
-def evaluate(config: dict | None = None, force: bool = False, part: list[int] | None = None) -> str:
+def evaluate(config: ConfigRequest | None = None, force: bool = False, part: list[int] | None = None) -> str:
     """T2I-CompBench-style evaluation of the base and the fine-tuned model."""
     return run_one("evaluate", config, force, part)
 

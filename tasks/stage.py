@@ -115,8 +115,10 @@ def check_inputs(cfg: ComatConfig, store: ArtifactStore, stage: str) -> None:
     for name in upstream(cfg, stage):
         key = compute_key(cfg, store, name)
         if store.read_manifest(name, key) is None:
+            deployment = f"comat-{name.replace('_', '-')}/{'gpu' if STAGES[name].gpu else 'cpu'}"
             raise InputError(f"stage {stage} needs {name}, which has no complete output at "
-                             f"{store.stage_url(name, key)}; run {name} first (comat run --stages {name})")
+                             f"{store.stage_url(name, key)}; run {name} first: the deployment {deployment} "
+                             f"(prefect deployment run {deployment}) or comat run --stages {name}")
 
 
 def task_run_name(parameters: dict) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import typing
 import shutil
 import time
 from pathlib import Path
@@ -257,18 +258,52 @@ def test_stage_flow_without_inputs_fails_once_naming_the_stage_to_run(services, 
     target = "evaluate"
     state = STAGE_FLOWS[target](config=request(tmp_path / "empty"), return_state=True)
     assert state.is_failed()
-    with pytest.raises(InputError, match=r"needs prompts.*run prompts first"):
+    with pytest.raises(InputError, match=r"needs prompts.*run prompts first: the deployment comat-prompts/cpu"):
         state.result()
     runs = task_runs(state.state_details.flow_run_id, 1)
     assert runs[target].run_count == 1  # an input error is not retried
 
 
-def test_unknown_stage_is_a_config_error(services, tmp_path):
+def test_bad_parameters_are_refused_at_submission(services):
+    """Typed parameters: the server refuses a bad preset or stage name before any run exists."""
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    from comat_core.config import PRESETS, STAGE_NAMES
+    from comat_core.preflight import Preset, StageName
     from flows.pipeline import comat
 
-    state = comat(config=request(tmp_path), stages=["prompts", "nope"], return_state=True)
-    with pytest.raises(ConfigError, match="unknown --stages stage"):
+    assert typing.get_args(Preset) == PRESETS and typing.get_args(StageName) == STAGE_NAMES
+    name = f"probe-{time.time_ns()}"
+    comat.to_deployment(name=name).apply()
+    for params, field in (({"config": {"preset": "sd14"}}, "config.preset"), ({"stages": ["trian"]}, "stages[0]"),
+                          ({"config": {"overides": ["x=1"]}}, "config")):
+        with pytest.raises(PrefectHTTPStatusError, match=re.escape(f"Validation failed for field '{field}'")):
+            run_deployment(f"comat/{name}", parameters=params, timeout=0)
+
+
+def test_a_bad_value_fails_the_run_at_its_start_with_one_line(services, tmp_path):
+    """What the schema cannot check (an override's key) fails the run with the CLI's line, no traceback."""
+    from flows.pipeline import comat
+
+    state = comat(config=request(tmp_path, "train.max_stpes=3"), return_state=True)
+    assert state.is_failed() and state.message.startswith("comat: error: ") and "max_stpes" in state.message
+    assert "\n" not in state.message
+    with pytest.raises(ConfigError, match="max_stpes"):  # comat run gets the error back, prints one line
         state.result()
+    logs = run_logs(state.state_details.flow_run_id, "comat: error:")
+    assert any(m.startswith("comat: error: ") for m in logs) and not any("Traceback" in m for m in logs), logs
+
+
+def test_a_deployment_run_must_name_its_storage(services, monkeypatch):
+    """Under a deployment the preset's ./comat-artifacts would land in the worker's code folder: refused."""
+    from flows.stages import STAGE_FLOWS
+
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__ID", "00000000-0000-0000-0000-000000000001")
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__NAME", "gpu")
+    state = STAGE_FLOWS["gan_gt"](config={"preset": "tiny"}, return_state=True)
+    assert state.is_failed()
+    assert re.fullmatch(r"comat: error: deployment comat-gan-gt/gpu needs config\.storage .*", state.message), state.message
 
 
 # ---------------------------------------------------------------- retries
