@@ -102,9 +102,15 @@ class ProgressReporter:
         _safely("progress", update_progress_artifact, self.id, self.percent, description=text)
 
     def fail(self, error: BaseException) -> None:
-        if self.id is not None:
+        """Say how the stage ended: failed (an exception), or interrupted (cancelled, killed, crashed)."""
+        if self.id is None:
+            return
+        if isinstance(error, Exception):
             text = f"{self.stage} `{self.key}`: failed at {self.percent:.0f}%: {type(error).__name__}: {error}"
-            _safely("progress", update_progress_artifact, self.id, self.percent, description=text[:1000])
+        else:  # TerminationSignal (cancel, SIGTERM), KeyboardInterrupt, SystemExit
+            text = (f"{self.stage} `{self.key}`: interrupted at {self.percent:.0f}% (cancelled or crashed: "
+                    f"{type(error).__name__}); committed shards and checkpoints are kept, a rerun resumes")
+        _safely("progress", update_progress_artifact, self.id, self.percent, description=text[:1000])
 
     def finish(self, cached: bool) -> None:
         if self.id is not None:

@@ -185,7 +185,7 @@ def stage_task(stage: str, config: dict, force: bool = False, part: list[int] | 
     try:
         result = run_stage(cfg, store, stage, force=force, progress=progress.update, hooks=test_hooks(stage),
                            shard_part=shard_part)
-    except Exception as e:
+    except BaseException as e:  # a cancel or a kill too: the progress artifact says how the stage ended
         progress.fail(e)
         raise
     seconds = time.time() - t0

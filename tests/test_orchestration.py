@@ -380,6 +380,51 @@ def test_crash_in_sharded_stage_then_flow_retry_keeps_completed_shards(services,
     assert manifests(store_copy)[stage]["key"] == key
 
 
+def test_a_killed_run_says_so_in_its_progress_and_states(services, baseline, store_copy):
+    """SIGTERM during training: the progress artifact says interrupted, the task and flow runs both end Crashed."""
+    import signal
+    import subprocess
+    import sys
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    from flows.artifacts import artifact_key, pipeline_scope
+
+    slow = "train.max_steps=60"
+    code = ("import sys, json; from flows.pipeline import comat; "
+            "comat(config=json.loads(sys.argv[1]), stages=json.loads(sys.argv[2]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(request(store_copy, slow)), json.dumps(RUNNABLE)],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    key = artifact_key(pipeline_scope("tiny", ArtifactStore(str(store_copy)).root_url), "train", "progress")
+
+    def progress():
+        with get_client(sync_client=True) as client:
+            arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                         sort=ArtifactSort.CREATED_DESC, limit=1)
+        return arts[0] if arts else None
+
+    try:
+        deadline = time.time() + 180
+        while not ((art := progress()) and float(art.data) > 0):
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    art = progress()
+    assert "interrupted at" in art.description and "a rerun resumes" in art.description, art.description
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(art.flow_run_id)
+        train = client.read_task_runs(flow_run_filter=_flow_filter(art.flow_run_id))
+    train = [r for r in train if r.name.startswith("train-")]
+    assert flow_run.state.type.value == "CRASHED", flow_run.state
+    assert [r.state.type.value for r in train] == ["CRASHED"], [r.state for r in train]
+
+
 def _flow_filter(flow_run_id):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
