@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--name", action="append", default=None, help="only this deployment (repeatable)")
     dp.add_argument("--local", action="store_true",
                     help="local profile: every deployment on one `process` pool named `local` running this checkout")
+    dp.add_argument("--gpus", type=int, default=None, metavar="N",
+                    help="GPU stages that may run at once (default with --local: the GPUs this machine has, at least 1)")
     return parser
 
 
@@ -117,7 +119,7 @@ def _dispatch(args) -> int:
     if args.command == "deploy":
         from flows.deploy import deploy
 
-        return deploy(names=args.name, local=args.local)
+        return deploy(names=args.name, local=args.local, gpus=args.gpus)
     cfg = build_config(config_request(args))
     if args.command == "config":
         from comat_core.config import config_to_yaml

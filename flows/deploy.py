@@ -7,6 +7,13 @@
                                      checkout, so one `prefect worker start --pool local` runs everything
 
 Both run ``prefect --no-prompt deploy`` from the repository root (entrypoints are relative to it).
+
+GPU stages: every stage task that needs a GPU carries the tag ``gpu``; ``deploy(local=True)`` sets
+a concurrency limit on that tag of the machine's GPU count (``gpus``; at least 1, so a CPU-only box
+runs one heavy stage at a time), so one worker never runs two GPU stages at once, whether they are
+tasks of one pipeline run, stages of two runs, or fan-out parts. The limit holds server-wide: on
+a cluster give it the number of GPUs the ``gpu`` pool can run at once
+(``prefect concurrency-limit create gpu N``).
 The local profile is derived from prefect.yaml (a temporary copy with the pools and the pull step
 replaced) so there is one list of deployments to maintain.
 """
@@ -100,9 +107,37 @@ def deploy_command(prefect_file: Path, names: list[str] | None) -> list[str]:
     return cmd
 
 
-def deploy(names: list[str] | None = None, local: bool = False, prefect_file: Path = PREFECT_FILE) -> int:
+GPU_TAG = "gpu"
+
+
+def gpu_count() -> int:
+    """GPUs this process can see (``CUDA_VISIBLE_DEVICES`` applies), at least 1."""
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def ensure_gpu_limit(count: int) -> None:
+    """At most ``count`` task runs tagged ``gpu`` at once, server-wide (created or updated)."""
+    from prefect.client.orchestration import get_client
+
+    if count < 1:
+        raise ConfigError(f"--gpus must be at least 1, not {count}")
+    try:
+        with get_client(sync_client=True) as client:
+            client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=count)
+    except Exception as e:  # noqa: BLE001 - any failure here means the server is unreachable
+        raise StorageError(f"Prefect server {api_url()} is not reachable: {type(e).__name__}: {e}") from None
+    print(f"GPU stages: at most {count} at once (concurrency limit on the task tag {GPU_TAG!r}; "
+          f"change it with: prefect concurrency-limit create {GPU_TAG} N)")
+
+
+def deploy(names: list[str] | None = None, local: bool = False, prefect_file: Path = PREFECT_FILE,
+           gpus: int | None = None) -> int:
     """Register the deployments; returns the exit status of ``prefect deploy``."""
     api_url()
+    if local or gpus is not None:
+        ensure_gpu_limit(gpus if gpus is not None else gpu_count())
     spec = load_spec(prefect_file)
     with tempfile.TemporaryDirectory(prefix="comat-deploy-") as tmp:
         if local:

@@ -60,6 +60,8 @@ from tasks.results import persisting
 
 
 RETRIES = 3
+GPU_TIMEOUT_ENV = "COMAT_GPU_STAGE_TIMEOUT_HOURS"  # a GPU stage running longer fails (0: no limit)
+GPU_TIMEOUT_HOURS = 48.0
 RETRY_DELAYS = exponential_backoff(backoff_factor=10)  # 10 s, 20 s, 40 s
 FAIL_AT_SHARD_ENV = "COMAT_TEST_FAIL_AT_SHARD"
 _TRANSIENT_NAMES = ("Connection", "Timeout", "Throttl", "SlowDown", "ServiceUnavailable", "EndpointConnection")
@@ -77,7 +79,12 @@ def open_store(cfg: ComatConfig) -> ArtifactStore:
 # ---------------------------------------------------------------- retries
 
 def is_transient(exc: BaseException) -> bool:
-    """Worth retrying: storage and network trouble, not configuration, input or integrity errors."""
+    """Worth retrying: storage and network trouble, not configuration, input or integrity errors,
+    nor a stage that ran past its time limit (it would hang again)."""
+    from prefect.task_engine import TaskRunTimeoutError
+
+    if isinstance(exc, TaskRunTimeoutError):
+        return False
     if isinstance(exc, (IntegrityError, PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError)):
         return False  # a retry finds the same file, the same permissions
     if isinstance(exc, (StorageError, OSError, ConnectionError, TimeoutError)):
@@ -200,8 +207,16 @@ def stage_task(stage: str, config: dict, force: bool = False, part: list[int] | 
     return Completed(message=f"{stage} {result.key}: computed in {seconds:.1f} s", data=result.url)
 
 
+def gpu_timeout_seconds() -> float | None:
+    """``COMAT_GPU_STAGE_TIMEOUT_HOURS`` (default 48; 0 turns it off): a hung GPU job does not hold its GPU forever."""
+    hours = float(os.environ.get(GPU_TIMEOUT_ENV, GPU_TIMEOUT_HOURS))
+    return hours * 3600 if hours > 0 else None
+
+
+# The tag ``gpu`` is what the GPU concurrency limit counts (``flows/deploy.py``: ``comat deploy --local``).
 STAGE_TASKS = {name: stage_task.with_options(name=f"comat-{name}".replace("_", "-"),
-                                             tags=["comat", "gpu" if spec.gpu else "cpu"])
+                                             tags=["comat", "gpu" if spec.gpu else "cpu"],
+                                             timeout_seconds=gpu_timeout_seconds() if spec.gpu else None)
                for name, spec in STAGES.items()}
 
 

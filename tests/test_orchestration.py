@@ -322,6 +322,58 @@ def test_transient_errors_are_retried_and_config_errors_are_not():
     assert not is_transient(ConfigError("bad key"))
     assert not is_transient(InputError("no prompts"))
     assert not is_transient(RuntimeError("a bug"))
+    from prefect.task_engine import TaskRunTimeoutError
+
+    assert not is_transient(TaskRunTimeoutError("ran past its limit"))  # a hung stage would hang again
+
+
+def test_gpu_stages_carry_the_gpu_tag_and_a_time_limit(monkeypatch):
+    from comat_core.stages.registry import STAGES
+    from tasks.stage import GPU_TIMEOUT_ENV, STAGE_TASKS, gpu_timeout_seconds
+
+    for name, spec in STAGES.items():
+        assert ("gpu" in STAGE_TASKS[name].tags) == spec.gpu
+        assert (STAGE_TASKS[name].timeout_seconds is not None) == spec.gpu
+    monkeypatch.setenv(GPU_TIMEOUT_ENV, "0.5")
+    assert gpu_timeout_seconds() == 1800
+    monkeypatch.setenv(GPU_TIMEOUT_ENV, "0")
+    assert gpu_timeout_seconds() is None
+
+
+def test_gpu_limit_of_one_keeps_two_gpu_stage_runs_from_overlapping(services, baseline, tmp_path):
+    """Two runs of a GPU stage submitted together on a limit of 1 (comat deploy --local --gpus 1): one waits."""
+    import subprocess
+    import sys
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName, TaskRunFilterStartTime
+
+    from flows.deploy import GPU_TAG, ensure_gpu_limit
+
+    roots = [tmp_path / "a", tmp_path / "b"]
+    for root in roots:
+        shutil.copytree(baseline["root"], root)
+    code = "import sys, json; from flows.stages import gan_gt; gan_gt(config=json.loads(sys.argv[1]), force=True)"
+    t0 = time.time()
+    ensure_gpu_limit(1)
+    try:
+        procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps(request(root))], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1]) for root in roots]
+        for p in procs:
+            assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-3000:]
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_concurrency_limit_by_tag(GPU_TAG)
+    name = f"gan_gt-{baseline['manifests']['gan_gt']['key']}"
+    from datetime import datetime, timezone
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(
+            name=TaskRunFilterName(any_=[name]),
+            start_time=TaskRunFilterStartTime(after_=datetime.fromtimestamp(t0, timezone.utc))))
+    assert len(runs) == 2 and all(r.state.is_completed() for r in runs), [(r.name, r.state) for r in runs]
+    first, second = sorted(runs, key=lambda r: r.start_time)
+    assert first.end_time <= second.start_time, (first.start_time, first.end_time, second.start_time)
 
 
 def test_storage_failure_is_retried_then_fails(services, tmp_path):
