@@ -340,6 +340,46 @@ def test_gpu_stages_carry_the_gpu_tag_and_a_time_limit(monkeypatch):
     assert gpu_timeout_seconds() is None
 
 
+def test_two_concurrent_runs_on_one_store_compute_each_stage_once(services, baseline, store_copy):
+    """One writer per stage key: the second run waits on the lease, then finds the manifest (a cache hit)."""
+    import subprocess
+    import sys
+    from datetime import datetime, timezone
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, FlowRunFilterStartTime
+
+    for s in ("train", "evaluate"):
+        shutil.rmtree(store_copy / s)
+    code = ("import sys, json; from flows.pipeline import comat; "
+            "comat(config=json.loads(sys.argv[1]), stages=json.loads(sys.argv[2]))")
+    t0 = datetime.now(timezone.utc)
+    procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps(request(store_copy)), json.dumps(RUNNABLE)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+             for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stderr.read().decode()[-3000:]
+    after = manifests(store_copy)
+    assert {s: m["key"] for s, m in after.items()} == {s: m["key"] for s, m in baseline["manifests"].items()}
+    records = {"train": ("metrics.parquet", "curves.png", "checkpoints/"),  # step timings
+               "evaluate": ("summary.json", "report.md")}  # they name the store's path, compared below
+    for s in ("train", "evaluate"):  # exactly the single-run result
+        same = {f: v for f, v in after[s]["files"].items() if not f.startswith(records[s])}
+        assert same == {f: v for f, v in baseline["manifests"][s]["files"].items() if not f.startswith(records[s])}
+    report = (store_copy / "evaluate" / after["evaluate"]["key"] / "report.md").read_text()
+    base_report = (baseline["root"] / "evaluate" / after["evaluate"]["key"] / "report.md").read_text()
+    assert report.replace(str(store_copy), "ROOT") == base_report.replace(str(baseline["root"]), "ROOT")
+    assert not list((store_copy / "_leases").glob("*.json"))  # released
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=[describe(request(store_copy), RUNNABLE)]), start_time=FlowRunFilterStartTime(after_=t0)))
+    assert len(runs) == 2 and all(r.state.is_completed() for r in runs)
+    text = "\n".join(m for r in runs for m in run_logs(r.id, "evaluate: "))
+    for s in ("train", "evaluate"):
+        assert text.count(f"{s}: computing") == 1, text
+        assert text.count(f"{s}: cache hit") == 1, text  # the other run: waited, then read the manifest
+
+
 def test_gpu_limit_of_one_keeps_two_gpu_stage_runs_from_overlapping(services, baseline, tmp_path):
     """Two runs of a GPU stage submitted together on a limit of 1 (comat deploy --local --gpus 1): one waits."""
     import subprocess

@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 import uuid
 
 import pytest
@@ -109,3 +110,35 @@ def test_unknown_protocol_and_unreachable_endpoint():
                                                                      "connect_timeout": 1}})
     with pytest.raises(StorageError, match="not reachable"):
         store.check_reachable()
+
+
+@pytest.mark.parametrize("root", ["local", "memory://lease-test"])
+def test_a_stage_lease_has_one_holder_and_expires_when_its_holder_stops(root, tmp_path):
+    from comat_core.store.lease import StageLease, stage_lease
+
+    store = ArtifactStore(str(tmp_path) if root == "local" else f"{root}-{tmp_path.name}")
+    first, second = StageLease(store, "gan_gt", "k1", ttl=30), StageLease(store, "gan_gt", "k1", ttl=30)
+    assert first.try_acquire() and not second.try_acquire()
+    assert StageLease(store, "gan_gt", "k1", part="1-2").try_acquire()  # a fan-out part leases its own slice
+    first.release()
+    assert second.try_acquire()  # released: the next one gets it
+    dead = StageLease(store, "masks", "k2", ttl=0.01)  # a holder that died without releasing
+    assert dead.try_acquire()
+    time.sleep(0.05)
+    assert StageLease(store, "masks", "k2").try_acquire()  # expired: taken over
+
+    finished = {"done": False}
+    holder = StageLease(store, "train", "k3", ttl=30)
+    assert holder.try_acquire()
+
+    def other_run_finishes():
+        time.sleep(0.3)
+        finished["done"] = True
+    import threading
+
+    threading.Thread(target=other_run_finishes).start()
+    with stage_lease(store, "train", "k3", done=lambda: finished["done"], poll=0.05) as compute:
+        assert compute is False  # waited, then found the stage complete: nothing to compute
+    with pytest.raises(StorageError, match=r"train k3 is being computed by pid \d+ on .*waited 0 s"):
+        with stage_lease(store, "train", "k3", poll=0.05, wait=0.1):
+            pass

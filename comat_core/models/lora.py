@@ -70,7 +70,9 @@ def export_lora(unet: torch.nn.Module, pipeline_class: type, out_dir: str | Path
     out_dir.mkdir(parents=True, exist_ok=True)
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))
     layers = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in layers.items()}
-    metadata = unet.peft_config[ADAPTER].to_dict()
+    # sets (target_modules) in sorted order: a set's order changes with each process's hash seed
+    metadata = {k: sorted(v) if isinstance(v, (set, frozenset)) else v
+                for k, v in unet.peft_config[ADAPTER].to_dict().items()}
     pipeline_class.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True,
                                      unet_lora_adapter_metadata=metadata)
     sort_safetensors_metadata(out_dir / LORA_WEIGHTS_FILE)

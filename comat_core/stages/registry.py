@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from comat_core.config import ComatConfig
 from comat_core.errors import ComatError, ConfigError, StorageError
+from comat_core.store.lease import stage_lease
 from comat_core.store.shards import ShardPart
 from comat_core.store.storage import ArtifactStore, StageReader, StageWriter, stage_key
 
@@ -243,12 +244,26 @@ def run_stage(cfg: ComatConfig, store: ArtifactStore, stage: str, *, force: bool
             raise ConfigError(f"{stage}: force with a shard part would delete the other parts' shards; "
                               "force the whole stage once, before the fan-out")
     key = compute_key(cfg, store, stage)
-    if force:
-        store.remove_tree(store.path(stage, key))
-    manifest = store.read_manifest(stage, key)
-    if manifest is not None:
-        log.info("%s: cache hit %s", stage, store.stage_url(stage, key))
-        return StageResult(stage, key, store.stage_url(stage, key), True, manifest)
+    if not force:
+        manifest = store.read_manifest(stage, key)
+        if manifest is not None:
+            log.info("%s: cache hit %s", stage, store.stage_url(stage, key))
+            return StageResult(stage, key, store.stage_url(stage, key), True, manifest)
+    part = f"{shard_part.index + 1}-{shard_part.count}" if shard_part is not None else ""
+    done = (lambda: False) if force else (lambda: store.read_manifest(stage, key) is not None)
+    # one writer per key (comat_core/store/lease.py): a second run waits here, then finds the manifest
+    with stage_lease(store, stage, key, part, done=done) as compute:
+        if not compute:
+            log.info("%s: cache hit %s (computed by another run meanwhile)", stage, store.stage_url(stage, key))
+            return StageResult(stage, key, store.stage_url(stage, key), True, store.read_manifest(stage, key))
+        if force:
+            store.remove_tree(store.path(stage, key))
+        return _compute(cfg, store, spec, stage, key, progress, hooks, shard_part)
+
+
+def _compute(cfg: ComatConfig, store: ArtifactStore, spec: Stage, stage: str, key: str, progress, hooks,
+             shard_part: ShardPart | None) -> StageResult:
+    """Run the stage function under its lease, then commit its manifest (unless it is a fan-out part)."""
     inputs = {n: store.reader(n, compute_key(cfg, store, n)) for n in stage_inputs(cfg, stage)}
     writer = store.writer(stage, key)
     ctx = StageContext(with_world_models(cfg, inputs), store, stage, key, writer, inputs,
