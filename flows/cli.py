@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--name", action="append", default=None, help="only this deployment (repeatable)")
     dp.add_argument("--local", action="store_true",
                     help="local profile: every deployment on one `process` pool named `local` running this checkout")
+    dp.add_argument("--notify", metavar="BLOCK_TYPE/NAME", default=None,
+                    help="notification block for the automation that reports failed or crashed runs, "
+                         "e.g. slack-webhook/comat-alerts (without it that automation is skipped)")
     dp.add_argument("--gpus", type=int, default=None, metavar="N",
                     help="GPU stages that may run at once (default with --local: the GPUs this machine has, at least 1)")
     return parser
@@ -119,7 +122,7 @@ def _dispatch(args) -> int:
     if args.command == "deploy":
         from flows.deploy import deploy
 
-        return deploy(names=args.name, local=args.local, gpus=args.gpus)
+        return deploy(names=args.name, local=args.local, gpus=args.gpus, notify=args.notify)
     cfg = build_config(config_request(args))
     if args.command == "config":
         from comat_core.config import config_to_yaml

@@ -133,8 +133,9 @@ def ensure_gpu_limit(count: int) -> None:
 
 
 def deploy(names: list[str] | None = None, local: bool = False, prefect_file: Path = PREFECT_FILE,
-           gpus: int | None = None) -> int:
-    """Register the deployments; returns the exit status of ``prefect deploy``."""
+           gpus: int | None = None, notify: str | None = None) -> int:
+    """Register the deployments, then the automations (``flows/automations.py``) when every deployment
+    was deployed; returns the exit status of ``prefect deploy``."""
     api_url()
     if local or gpus is not None:
         ensure_gpu_limit(gpus if gpus is not None else gpu_count())
@@ -146,4 +147,9 @@ def deploy(names: list[str] | None = None, local: bool = False, prefect_file: Pa
             prefect_file.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
         ensure_pools(pools_of(spec), create=local)
         env = {**os.environ, "DO_NOT_TRACK": os.environ.get("DO_NOT_TRACK", "1")}
-        return subprocess.run(deploy_command(prefect_file, names), cwd=REPO, env=env).returncode
+        rc = subprocess.run(deploy_command(prefect_file, names), cwd=REPO, env=env).returncode
+    if rc == 0 and not names:
+        from flows.automations import apply_automations
+
+        apply_automations(notify)
+    return rc

@@ -174,7 +174,10 @@ def stage_task(stage: str, config: dict, force: bool = False, part: list[int] | 
     """Run one stage through ``comat_core.stages.registry.run_stage``; the state's data is the stage URL.
 
     ``part=[k, n]``: only the k-th of n slices of a sharded stage's shards, stage not committed."""
+    from prefect.runtime import flow_run
+
     from flows.artifacts import ProgressReporter, pipeline_scope, publish_stage
+    from flows.events import checkpoint_hook, stage_completed
     from flows.logs import forward_to_runs, quiet_libraries
 
     forward_to_runs()
@@ -190,7 +193,8 @@ def stage_task(stage: str, config: dict, force: bool = False, part: list[int] | 
         progress.start()  # a cache hit gets one note below, no progress bar
     t0 = time.time()
     try:
-        result = run_stage(cfg, store, stage, force=force, progress=progress.update, hooks=test_hooks(stage),
+        hooks = test_hooks(stage) | ({"on_checkpoint": checkpoint_hook(cfg, key)} if stage == "train" else {})
+        result = run_stage(cfg, store, stage, force=force, progress=progress.update, hooks=hooks,
                            shard_part=shard_part)
     except BaseException as e:  # a cancel or a kill too: the progress artifact says how the stage ended
         progress.fail(e)
@@ -202,6 +206,7 @@ def stage_task(stage: str, config: dict, force: bool = False, part: list[int] | 
         return Completed(message=f"{stage} {result.key}: part {shard_part}, {done['shards_generated']} of "
                                  f"{len(done['shards'])} shards computed in {seconds:.1f} s", data=result.url)
     publish_stage(store, result, seconds, scope)
+    stage_completed(cfg, result, seconds, config, flow_run.flow_name or "", evaluation_figures(store, result))
     if result.cached:
         return Completed(name="Cached", message=f"{stage} {result.key}: manifest exists in storage", data=result.url)
     return Completed(message=f"{stage} {result.key}: computed in {seconds:.1f} s", data=result.url)
@@ -218,6 +223,19 @@ STAGE_TASKS = {name: stage_task.with_options(name=f"comat-{name}".replace("_", "
                                              tags=["comat", "gpu" if spec.gpu else "cpu"],
                                              timeout_seconds=gpu_timeout_seconds() if spec.gpu else None)
                for name, spec in STAGES.items()}
+
+
+def evaluation_figures(store: ArtifactStore, result) -> dict | None:
+    """evaluate: the headline metric per category (base, tuned, delta, 95 % CI) for its event."""
+    if result.stage != "evaluate":
+        return None
+    from flows.summary import headline_rows
+
+    try:
+        rows = headline_rows(store, {"evaluate": result.url})
+    except Exception:  # noqa: BLE001 - an event's figures are best effort
+        return None
+    return {r["category"]: {k: r[k] for k in ("metric", "base", "tuned", "delta", "ci95_low", "ci95_high")} for r in rows}
 
 
 def _complete(cfg: ComatConfig, stage: str, force: bool, part) -> bool:

@@ -380,6 +380,76 @@ def test_two_concurrent_runs_on_one_store_compute_each_stage_once(services, base
         assert text.count(f"{s}: cache hit") == 1, text  # the other run: waited, then read the manifest
 
 
+def comat_events(since, prefix: str, expected: int, timeout: float = 30) -> list:
+    """Events named ``prefix*`` that occurred after ``since`` (they reach the server asynchronously: poll)."""
+    from prefect import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
+
+    deadline = time.time() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            page = client.read_events(EventFilter(occurred=EventOccurredFilter(since=since),
+                                                  event=EventNameFilter(prefix=[prefix])), limit=50)
+        if len(page.events) >= expected or time.time() > deadline:
+            return page.events
+        time.sleep(0.5)
+
+
+def test_stage_events_and_the_shipped_automations(services, baseline, store_copy):
+    """comat.stage.completed / comat.train.checkpoint reach the server; the automation that evaluates
+    after a train run alone fires on the first and starts comat-evaluate/gpu with the same config."""
+    from datetime import datetime, timezone
+
+    from prefect import get_client
+    from prefect.automations import Automation
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterStartTime
+
+    from flows.automations import apply_automations
+    from flows.stages import STAGE_FLOWS
+    from tasks.stage import config_payload
+
+    evaluate_id = STAGE_FLOWS["evaluate"].to_deployment(name="gpu").apply()
+    CustomWebhookNotificationBlock(name="comat", url="http://127.0.0.1:9/").save("comat-test-alerts", overwrite=True)
+    assert apply_automations("custom-webhook/comat-test-alerts") == ["comat-notify-on-failure",
+                                                                     "comat-evaluate-after-train"]
+    since = datetime.now(timezone.utc)
+    try:
+        notify = Automation.read(name="comat-notify-on-failure")
+        assert notify.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+        assert notify.actions[0].type == "send-notification"
+        url = STAGE_FLOWS["train"](config=request(store_copy), force=True)
+        events = comat_events(since, "comat.", expected=3)
+        by_name = {}
+        for e in events:
+            by_name.setdefault(e.event, []).append(e)
+        done = by_name["comat.stage.completed"][0]
+        key = baseline["manifests"]["train"]["key"]
+        assert done.resource.id == f"comat.stage.train.{key}" and done.resource["comat.cached"] == "false"
+        assert done.resource["comat.flow"] == "comat-train" and done.payload["url"] == url
+        assert done.payload["figures"]["steps"] == 2 and "concept_loss" in done.payload["figures"]
+        cfg = load_config("tiny", overrides=FAST, extra={"storage": {"root": str(store_copy)}})
+        assert done.payload["config"] == config_payload(cfg)
+        assert sorted(e.payload["step"] for e in by_name["comat.train.checkpoint"]) == [1, 2]
+
+        deadline, runs = time.time() + 60, []
+        while not runs and time.time() < deadline:  # the server's trigger service acts on the event
+            time.sleep(1)
+            with get_client(sync_client=True) as client:
+                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[evaluate_id])),
+                                             flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(is_null_=True)))
+                runs = [r for r in runs if r.created > since]
+        assert len(runs) == 1, "comat-evaluate-after-train did not start comat-evaluate/gpu"
+        assert runs[0].parameters["config"] == config_payload(cfg)
+    finally:
+        with get_client(sync_client=True) as client:
+            for run in client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[evaluate_id]))):
+                client.delete_flow_run(run.id)
+            client.delete_deployment(evaluate_id)
+        for name in ("comat-notify-on-failure", "comat-evaluate-after-train"):
+            Automation.read(name=name).delete()
+
+
 def test_gpu_limit_of_one_keeps_two_gpu_stage_runs_from_overlapping(services, baseline, tmp_path):
     """Two runs of a GPU stage submitted together on a limit of 1 (comat deploy --local --gpus 1): one waits."""
     import subprocess
