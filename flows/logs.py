@@ -40,7 +40,7 @@ class RunLogHandler(APILogHandler):
 def forward_to_runs(level: int = logging.INFO) -> None:
     """Send the ``comat`` loggers' records at ``level`` and above to the current Prefect run (idempotent)."""
     logger = logging.getLogger(PROJECT_LOGGER)
-    if logger.level == logging.NOTSET or logger.level > level:
+    if logger.getEffectiveLevel() > level:  # a worker's root logger is at WARNING; comat run -v stays at DEBUG
         logger.setLevel(level)
     if not any(isinstance(h, RunLogHandler) for h in logger.handlers):
         handler = RunLogHandler()
