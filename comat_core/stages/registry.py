@@ -80,7 +80,7 @@ class Stage:
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
-        Stage("world", (), "1", "comat_core.stages.world:run"),
+        Stage("world", (), "1", "comat_core.stages.world:run", records=("world.json",)),  # its build timings
         Stage("prompts", (), "1", "comat_core.stages.prompts:run", models=("family", "pretrained")),
         Stage("sdxl_prefinetune", ("prompts",), "1", "comat_core.stages.prefinetune:run",
               models=("family", "pretrained", "vae"), runtime=("mixed_precision", "seed"), gpu=True, sharded=True),
