@@ -450,6 +450,23 @@ def test_stage_events_and_the_shipped_automations(services, baseline, store_copy
             Automation.read(name=name).delete()
 
 
+def test_a_lease_on_s3_is_exclusive(services, monkeypatch):
+    """On S3 the lease is a conditional PUT (If-None-Match): a second holder is refused by the store."""
+    import uuid
+
+    from comat_core.store.lease import StageLease
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", services["COMAT_TEST_S3_ENDPOINT"])
+    store = ArtifactStore(f"s3://{services['COMAT_TEST_S3_BUCKET']}/lease-{uuid.uuid4().hex[:8]}")
+    first, second = StageLease(store, "gan_gt", "k", ttl=30), StageLease(store, "gan_gt", "k", ttl=30)
+    assert first.try_acquire() and not second.try_acquire()
+    with pytest.raises(FileExistsError):  # what makes it exclusive: the store refuses to overwrite
+        store.fs.pipe_file(first.path, b"{}", IfNoneMatch="*")
+    first.release()
+    assert not store.exists(first.path) and second.try_acquire()
+    second.release()
+
+
 def test_gpu_limit_of_one_keeps_two_gpu_stage_runs_from_overlapping(services, baseline, tmp_path):
     """Two runs of a GPU stage submitted together on a limit of 1 (comat deploy --local --gpus 1): one waits."""
     import subprocess

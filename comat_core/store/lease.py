@@ -7,7 +7,7 @@ lease is released, finds the manifest and is a cache hit. A holder that dies sto
 lease expires after ``ttl`` seconds and the next run takes it over (its committed shards and
 checkpoints are kept as always).
 
-Creation is exclusive: ``O_EXCL`` on a local disk; on object stores a conditional PUT
+Creation is exclusive: a hard link of the complete body on a local disk; on object stores a conditional PUT
 (``If-None-Match: *``, S3 and S3-compatible stores), or where a store refuses that, write then read
 back and keep the lease only when it still carries this holder's token. The lease lives outside the
 stage folder, so ``--force`` (which deletes that folder) runs under it too. Fan-out parts of one
@@ -62,14 +62,17 @@ class StageLease:
     def _create(self) -> bool:
         """Create the lease object if it does not exist; True when this holder has it."""
         fs = self.store.fs
-        if self.store.is_local:
+        if self.store.is_local:  # the whole body appears at once: a hard link fails if the name exists
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            tmp = f"{self.path}.{self.token}"
+            with open(tmp, "wb") as f:
+                f.write(self._body())
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.link(tmp, self.path)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(self._body())
+            finally:
+                os.remove(tmp)
             return True
         if self.store.exists(self.path):
             return False
@@ -90,6 +93,8 @@ class StageLease:
         held = self.holder()
         if held is None or float(held.get("expires", 0)) < time.time():  # released meanwhile, or expired
             if held is not None:
+                if (self.holder() or {}).get("token") != held.get("token"):
+                    return False  # another waiter took it over first
                 log.warning("%s: lease of %s@%s expired; taking over", self.name, held.get("pid"), held.get("host"))
                 self._remove()
             return self._create()
