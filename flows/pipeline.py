@@ -115,6 +115,8 @@ def wait_for_parts(stage: str, runs: dict, retries: int = SHARD_RUN_RETRIES, pol
                     continue
                 if run.state.is_completed():
                     del pending[k]
+                    log.info("%s: part %d/%d (%r) completed; %d still running", stage, k + 1, len(runs), run.name,
+                             len(pending))
                     continue
                 if run.state.is_cancelled() or attempts[k] > retries:
                     raise RuntimeError(f"{stage}: part {k + 1}/{len(runs)} ({run.name!r}) ended {run.state.name} "
