@@ -26,12 +26,16 @@ EPILOG = """examples:
   comat run --set train.learning_rate=1e-4 --set train.max_steps=500
   comat status --storage ./comat-artifacts/tiny
   comat config --preset sdxl                  # print the resolved configuration as YAML
+  comat run --preset shapes                   # the shapes world: base vs CoMat, scored by an exact judge
 """
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=["tiny", "tiny-sdxl", "sd15", "sdxl"],
-                   help="base configuration (default: tiny, or the preset named in --config)")
+    from comat_core.config import PRESETS
+
+    p.add_argument("--preset", choices=list(PRESETS),
+                   help="base configuration (default: tiny, or the preset named in --config); shapes: the shapes "
+                        "world, where the method's effect is measured on a CPU")
     p.add_argument("--config", metavar="FILE", help="YAML file with config sections, merged over the preset")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one value, e.g. --set train.max_steps=100 (repeatable)")

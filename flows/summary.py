@@ -64,10 +64,15 @@ def closing_lines(cfg: ComatConfig, store: ArtifactStore, results: dict[str, str
     sdxl = cfg.models.family == "sdxl"
     pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
     model = cfg.models.pretrained
+    example = "a red book and a yellow vase"
     if model.startswith("tiny://"):
         model_expr = f'resolve_model("{model}")'
         lines.append("load it in diffusers (tiny models are built by comat: "
                      "from comat_core.models.loader import resolve_model):")
+    elif model.startswith("world://") and "world" in results:  # the world stage's trained model
+        model_expr = f'"{store_path(store, results["world"], model[len("world://"):])}"'
+        example = "a red circle and a blue square"
+        lines.append("load it in diffusers:")
     else:
         model_expr = f'"{model}"'
         lines.append("load it in diffusers:")
@@ -79,7 +84,7 @@ def closing_lines(cfg: ComatConfig, store: ArtifactStore, results: dict[str, str
                   f"    pipe.unet = UNet2DConditionModel.from_pretrained(\"{store_path(store, results['sdxl_prefinetune'], 'unet')}\","
                   " torch_dtype=torch.float16).to(\"cuda\")"]
     lines += [f"    pipe.load_lora_weights(\"{lora if store.is_local else 'lora'}\")",
-              "    image = pipe(\"a red book and a yellow vase\").images[0]"]
+              f"    image = pipe(\"{example}\").images[0]"]
     return lines
 
 
