@@ -31,9 +31,10 @@ timers that wrap production objects from here (no timing code in the production 
 variant runs the same seeds on the same data, so its losses are compared with the first variant's.
 Peak memory is ``torch.cuda.max_memory_allocated`` over the timed steps.
 
-The reference-style step runs in the same invocation as a subprocess,
-``python ../shared/bench/reference_step.py --phases A`` (``--model sdxl`` for SDXL, ``--tiny --device
-cpu`` for the tiny preset, where it is off unless ``--reference``: its fp16 variant A takes over
+The reference-style step (a stand-alone script in the style of the CoMat reference code: fp16, plain
+attention everywhere; not shipped with comat, pass its path with ``--reference-script`` or
+``COMAT_REFERENCE_STEP``) runs in the same invocation as a subprocess, ``reference_step.py --phases A``
+(``--model sdxl`` for SDXL, ``--tiny --device cpu`` for the tiny preset, where it is off unless ``--reference``: its fp16 variant A takes over
 10 minutes on a 2-core CPU), and the ratio of its median to each variant's is printed.
 Results go to ``--out`` (JSON).
 """
@@ -63,7 +64,7 @@ from comat_core.config import load_config  # noqa: E402
 from comat_core.models.loader import cache_dir  # noqa: E402
 from comat_core.runtime import free_memory  # noqa: E402
 
-REFERENCE_SCRIPT = ROOT.parent / "shared" / "bench" / "reference_step.py"
+REFERENCE_SCRIPT = os.environ.get("COMAT_REFERENCE_STEP")  # the reference-style step script, if you have it
 BUILD_VERSION = "1"  # bump when a config below changes: the model folders are rebuilt
 
 # prompts with two entities each (noun and attribute character spans, as the prompts stage writes them)
@@ -516,6 +517,8 @@ def compare_losses(results: list[dict]) -> None:
 
 
 def run_reference(args, workdir: Path) -> dict:
+    if not args.reference_script:
+        return {"error": "no reference script given (--reference-script or COMAT_REFERENCE_STEP)"}
     script = Path(args.reference_script)
     if not script.is_file():
         return {"error": f"reference script not found: {script}"}
@@ -676,7 +679,8 @@ def main(argv=None) -> dict:
                     help="folder for the built models (default $COMAT_CACHE or ~/.cache/comat, /bench-models/<preset>)")
     ap.add_argument("--set", action="append", default=[], help="extra config override KEY=VALUE (repeatable)")
     ap.add_argument("--tiny-steps", type=int, default=6, help="DDPM steps with --preset tiny")
-    ap.add_argument("--reference-script", default=str(REFERENCE_SCRIPT))
+    ap.add_argument("--reference-script", default=REFERENCE_SCRIPT,
+                    help="path of the reference-style step script (default: $COMAT_REFERENCE_STEP)")
     ap.add_argument("--reference-reps", type=int, default=3)
     ap.add_argument("--reference", dest="reference", action="store_true", default=None,
                     help="run the reference-style step (default: on for --preset real, off for tiny: its fp16 "

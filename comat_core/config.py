@@ -2,7 +2,7 @@
 
 A config is a preset (``tiny``, ``tiny-sdxl``, ``sd15``, ``sdxl``) plus, optionally, a YAML file plus
 ``--set a.b=c`` overrides, validated by pydantic before any work starts. Values of the real presets
-follow ``METHOD.md``; every **Decision** of METHOD.md is a flag whose reference value is documented
+follow ``docs/method.md``; every **Decision** there is a flag whose reference value is documented
 next to it.
 
 Each stage reads only its own section (plus the models it uses), so the stage key of one stage never
@@ -161,7 +161,7 @@ class LossConfig(_Section):
     concept_weight: float = Field(1.0, ge=0)
     token_weight: float = Field(1e-3, ge=0)
     pixel_weight: float = Field(5e-5, ge=0)
-    gan_weight: float = Field(1.0, ge=0, description="1.0 for SD1.5, 0.5 for SDXL (METHOD.md §5)")
+    gan_weight: float = Field(1.0, ge=0, description="1.0 for SD1.5, 0.5 for SDXL (docs/method.md §5)")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="explicit: transformers' default changed to 0.0 in 4.38")
     caption_prefix: str = "a photography of "
     crop_max: int = Field(2, ge=0, description="random crop of 0..crop_max px per side before resizing")
@@ -238,7 +238,7 @@ class TrainConfig(_Section):
     machine_rank: int = Field(0, ge=0, description="this machine's rank; machine 0 runs the train stage, the others join")
     main_process_ip: str | None = Field(None, description="address of machine 0 (rendezvous), when num_machines > 1")
     main_process_port: int = Field(29500, ge=1, le=65535, description="rendezvous port on machine 0 (num_machines > 1)")
-    # Performance switches (issue 8); the defaults are the safe, plain paths. See comat_core/method/nograd.py and
+    # Performance switches; the defaults are the safe, plain paths. See comat_core/method/nograd.py and
     # benchmarks/RESULTS.md for what each is expected to buy.
     merge_lora_for_nograd: bool = Field(
         False, description="no-grad sampling calls use a copy of the UNet with the LoRA merged into its weights "

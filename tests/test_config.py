@@ -1,4 +1,4 @@
-"""Config: presets follow METHOD.md, YAML + overrides merge, bad values fail with a clear message."""
+"""Config: presets follow docs/method.md, YAML + overrides merge, bad values fail with a clear message."""
 
 import pytest
 

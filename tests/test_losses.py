@@ -1,4 +1,4 @@
-"""The three CoMat losses against hand-computed values (METHOD.md §3-5)."""
+"""The three CoMat losses against hand-computed values (docs/method.md §3-5)."""
 
 import math
 

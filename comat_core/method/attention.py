@@ -1,6 +1,6 @@
 """Capture cross-attention probabilities from chosen UNet blocks, for attribute concentration.
 
-CoMat's attribute concentration loss (METHOD.md §4) needs the softmax probabilities of the
+CoMat's attribute concentration loss (docs/method.md §4) needs the softmax probabilities of the
 cross-attention (``attn2``) layers in a few UNet blocks (SD1.5: mid block and up blocks at 16, 32
 and 64 px latents; SDXL: mid and up blocks at 16 and 32). The fused SDPA kernel never
 materialises those probabilities, so :class:`AttentionCapture` swaps in

@@ -1,4 +1,4 @@
-"""The latent discriminator of fidelity preservation (METHOD.md §5).
+"""The latent discriminator of fidelity preservation (docs/method.md §5).
 
 A UNet of the SD1.5 architecture (initialised from ``models.discriminator``, its ``unet``) with its
 own LoRA and a per-latent-pixel ``Linear(4 -> 1)`` head on the UNet output. It is conditioned on

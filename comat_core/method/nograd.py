@@ -1,8 +1,8 @@
 """The UNet used for the no-grad sampling calls: LoRA merged into the weights, optionally compiled.
 
-45 of the 50 UNet calls of a CoMat step (METHOD.md §2) run under ``torch.no_grad``. For them the
+45 of the 50 UNet calls of a CoMat step (docs/method.md §2) run under ``torch.no_grad``. For them the
 generator is a fixed function, ``W x + scale * B (A x)`` = ``(W + scale * B A) x``, so the LoRA can
-be folded into the projection weights. The reference measurements (``../shared/bench``) show why
+be folded into the projection weights. Measurements of a reference-style step (``benchmarks/RESULTS.md``) show why
 that pays: a no-grad SD1.5 call at batch 8 launches 2,703 kernels, of which PEFT's LoRA adds 990
 (+16 % GPU time), and the eager step leaves the GPU idle about 55 % of the time because the host
 cannot launch kernels fast enough. ``torch.compile`` with CUDA graphs removes the launch cost itself.

@@ -1,4 +1,4 @@
-"""Differentiable DDPM sampling with classifier-free guidance (METHOD.md §2 steps 2-3, §6).
+"""Differentiable DDPM sampling with classifier-free guidance (docs/method.md §2 steps 2-3, §6).
 
 One training sample is a full T-step DDPM trajectory from noise to a clean latent, of which only
 K steps carry gradients:
@@ -14,13 +14,13 @@ K steps carry gradients:
   coefficients (Python floats, so nothing is saved for backward); at no-grad steps the noise
   prediction is a constant. The update is plain tensor math (no ``nonzero``/``.item()`` host
   syncs as in diffusers' ``step``), and the variance noise comes from the passed generator.
-* ``backprop_through_unet_input``: True (METHOD.md **Decision**, SD1.5 reference) keeps the UNet
+* ``backprop_through_unet_input``: True (a **Decision**, docs/method.md §2; the SD1.5 reference) keeps the UNet
   input in the graph at gradient steps; False detaches it (the reference SDXL code).
 * **Attention capture**: ``attribute_steps`` of the K gradient steps run inside
   ``AttentionCapture.capture()`` and their maps are returned (one dict per chosen step). Drawn
   without replacement by default (**Decision**); with replacement the reference's duplicates
   collapse to one step, as its per-timestep dictionary did.
-* **Mixed Latent** (METHOD.md §6, default off): each sample is "mixed" with probability ``p_mixed``.
+* **Mixed Latent** (docs/method.md §6, default off): each sample is "mixed" with probability ``p_mixed``.
   One start index ``m`` per batch is drawn uniformly from ``0 .. last gradient index`` (so a mixed
   sample always keeps at least one gradient step). At step ``m``, before the UNet call, the mixed
   samples' latents are replaced by ``scheduler.add_noise(z_gt, eps, timesteps[m])`` and sampling
@@ -28,7 +28,7 @@ K steps carry gradients:
   gradient for mixed samples (they are skipped for them); when every sample is mixed, steps before
   ``m`` are not computed at all.
 
-No host synchronisation inside the T-step loop (issue 8: the reference step is host-bound, and
+No host synchronisation inside the T-step loop (a CoMat step is host-bound, and
 every blocking copy or ``.item()`` makes the host wait for the GPU queue to drain): every random
 choice of a step (start index, attention steps, Mixed Latent samples and index) is drawn once, on
 the host, from the CPU generator in :meth:`DifferentiableSampler.plan`; the update coefficients

@@ -1,4 +1,4 @@
-"""The CoMat training loop (METHOD.md §2): one flat loop around one ``train_step`` function.
+"""The CoMat training loop (docs/method.md §2): one flat loop around one ``train_step`` function.
 
 Per optimisation step, for each micro-batch (gradient accumulation):
 
@@ -27,7 +27,7 @@ order is a pure function of the position in a seeded, epoch-wise permutation, so
 repeats the uninterrupted one exactly, and P processes x A micro-batches train like 1 x (P x A),
 which is what lets a run resume with another process count. The global RNG states are saved as well.
 
-Performance (issue 8; ``benchmarks/RESULTS.md``): the switches ``train.merge_lora_for_nograd``,
+Performance (``benchmarks/RESULTS.md``): the switches ``train.merge_lora_for_nograd``,
 ``train.compile_nograd_unet`` (``comat_core.method.nograd``) and ``train.vae_decode_checkpointing``
 (``Backbone.enable_decode_checkpointing``) are off by default and compute the same step. The step's
 logged values stay on the device until one read at its end (``_host_values``), so the host never

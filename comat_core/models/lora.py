@@ -1,6 +1,6 @@
 """PEFT LoRA on a diffusers UNet: injection, checkpoint state, and the diffusers-loadable export.
 
-METHOD.md §1: LoRA of rank r and alpha (scale alpha / r) on ``to_q``, ``to_k``, ``to_v``,
+docs/method.md §1: LoRA of rank r and alpha (scale alpha / r) on ``to_q``, ``to_k``, ``to_v``,
 ``to_out.0`` of every attention module; the base weights stay frozen in the weight dtype (bf16 or
 fp16 on GPU) and the LoRA weights are kept in fp32. The A matrices start Gaussian (std 1/r) and
 the B matrices at zero, like the reference's LoRA layers, so the model starts unchanged.

@@ -1,6 +1,6 @@
 """Entities for the attribute-concentration loss: each noun with its attribute words, as spans.
 
-METHOD.md §4 supervises, for every noun phrase that carries attributes, the cross-attention of the
+docs/method.md §4 supervises, for every noun phrase that carries attributes, the cross-attention of the
 noun's tokens *and* of its attribute tokens (adjectives, compound nouns, adverbial modifiers) with the
 noun's segmentation mask. This module finds those phrases once per prompt, in the data stage, as
 character spans, and maps spans to text-encoder token indices.
@@ -51,7 +51,7 @@ class Entity:
 
 
 # ----------------------------------------------------------------------------------------------
-# Lexicons. Attribute classes named in METHOD.md §4 are listed here; long lists live in data/.
+# Lexicons. Attribute classes named in docs/method.md §4 are listed here; long lists live in data/.
 
 COLOURS = frozenset("""
 red orange yellow green blue purple pink brown black white gray grey silver gold golden beige tan violet indigo
@@ -627,7 +627,7 @@ def resolve_parser(parser: str = "auto") -> str:
 def extract_entities(prompt: str, parser: str = "auto", require_attribute: bool = True) -> list[Entity]:
     """The nouns of ``prompt`` with their attribute words, in order of the noun.
 
-    With ``require_attribute`` (METHOD.md §4: "the noun phrases that carry attributes"), nouns without
+    With ``require_attribute`` (docs/method.md §4: "the noun phrases that carry attributes"), nouns without
     any attribute word are left out.
     """
     if not isinstance(prompt, str):

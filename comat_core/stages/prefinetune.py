@@ -1,4 +1,4 @@
-"""The ``sdxl_prefinetune`` stage: teach SDXL to draw at 512 px before CoMat (METHOD.md §7).
+"""The ``sdxl_prefinetune`` stage: teach SDXL to draw at 512 px before CoMat (docs/method.md §7).
 
 SDXL renders poorly at 512 px, CoMat's training resolution. So, first:
 

@@ -3,7 +3,7 @@
 Output: ``prompts.parquet`` with one row per unique training prompt: a stable ``prompt_id`` (a hash
 of the normalised text, so ids do not depend on file order), ``text``, ``source`` (the first file it
 came from), ``n_tokens`` and ``entities`` (each noun with the character spans of its attribute words;
-METHOD.md §4). The manifest summary reports the counts: lines read, unique, dropped as evaluation
+docs/method.md §4). The manifest summary reports the counts: lines read, unique, dropped as evaluation
 overlap, long prompts.
 
 Sources are fsspec URLs or globs (one prompt per line, UTF-8) or ``builtin:NAME`` for files shipped in

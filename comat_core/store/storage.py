@@ -1,6 +1,6 @@
 """The artifact store: every stage's output under ``<root>/<stage>/<stage key>/`` on any fsspec URL.
 
-Contract (PIPELINE.md):
+Contract:
 
 * The **stage key** hashes the stage name, the stage's config section, its inputs' content (the
   sha256 list of their files, ``content_digest``) and the stage's code version. Same inputs, same

@@ -1,4 +1,4 @@
-"""Attribute concentration: keep each entity's attention inside its object's mask.
+"""Attribute concentration: keep each entity's attention inside its object's mask (docs/method.md §4).
 
 For every entity (a noun and its attribute words) we know the text-encoder token positions and a
 binary mask of the object. With ``A`` the head-averaged cross-attention map of one token:

@@ -1,4 +1,4 @@
-"""Concept activation: the BLIP captioner's loss for the prompt, given the generated image (METHOD.md §3).
+"""Concept activation: the BLIP captioner's loss for the prompt, given the generated image (docs/method.md §3).
 
 The frozen captioner scores how well the image explains the prompt: the token-mean,
 label-smoothed cross-entropy of ``"a photography of " + prompt`` under

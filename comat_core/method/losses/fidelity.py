@@ -1,4 +1,4 @@
-"""Fidelity preservation: the GAN losses between online latents and the frozen model's latents (METHOD.md §5).
+"""Fidelity preservation: the GAN losses between online latents and the frozen model's latents (docs/method.md §5).
 
 The discriminator outputs one logit per latent pixel. The generator is trained with the
 non-saturating loss (its latents labelled real); the discriminator with binary cross-entropy on

@@ -1,6 +1,6 @@
 """Concept coverage: the captioner's NLL of each prompt given its image (a diagnostic; lower is better).
 
-This is CoMat's concept-activation signal (METHOD.md §3) measured on the evaluation images: how well
+This is CoMat's concept-activation signal (docs/method.md §3) measured on the evaluation images: how well
 the frozen BLIP captioner explains ``"a photography of " + prompt`` from the image. It reuses
 :class:`comat_core.method.losses.concept.ConceptActivationLoss` for the preprocessing, tokenisation and
 labels, with the evaluation's deterministic settings: no random crop and no label smoothing (a plain

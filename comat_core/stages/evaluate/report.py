@@ -20,7 +20,7 @@ import numpy as np
 
 from comat_core.stages.evaluate.metrics import higher_is_better
 
-# METHOD.md §8: published T2I-CompBench figures (colour / shape / texture / spatial / non-spatial / complex).
+# docs/method.md §8: published T2I-CompBench figures (colour / shape / texture / spatial / non-spatial / complex).
 PUBLISHED = {
     "SD1.5": {"color": 0.3758, "shape": 0.3713, "texture": 0.4186, "spatial": 0.1165, "non_spatial": 0.3112,
               "complex": 0.3047},

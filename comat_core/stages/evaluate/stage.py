@@ -1,4 +1,4 @@
-"""The ``evaluate`` stage: base vs tuned on the T2I-CompBench prompts, side by side (METHOD.md §8).
+"""The ``evaluate`` stage: base vs tuned on the T2I-CompBench prompts, side by side (docs/method.md §8).
 
 1. **Images** — for each model (``base``: the pretrained model; ``tuned``: the pre-finetuned UNet when
    there is one, plus the trained LoRA) and each category's prompts, ``images_per_prompt`` images with

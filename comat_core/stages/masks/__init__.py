@@ -1,4 +1,4 @@
-"""Entity masks for attribute concentration (METHOD.md §4), computed once, offline, by the ``masks`` stage.
+"""Entity masks for attribute concentration (docs/method.md §4), computed once, offline, by the ``masks`` stage.
 
 Modules: ``stage`` (the stage function ``run(ctx)``), ``backends`` (the ``MaskBackend`` interface,
 Grounding DINO detection, the backend factory), ``hf`` and ``gsam`` (the two SAM segmenters),

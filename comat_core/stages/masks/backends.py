@@ -1,4 +1,4 @@
-"""Grounded-SAM behind one interface: Grounding DINO boxes per noun, then SAM masks per box (METHOD.md §4).
+"""Grounded-SAM behind one interface: Grounding DINO boxes per noun, then SAM masks per box (docs/method.md §4).
 
 ``MaskBackend.detect_and_segment(images, nouns_per_image)`` takes a batch of images ``[B, 3, H, W]``
 in [0, 1] (as the VAE decodes them, already on the device) and each image's nouns, and returns per
