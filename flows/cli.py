@@ -3,6 +3,7 @@
     comat run      run the pipeline (the parent Prefect flow, in-process, no server needed)
     comat status   show each stage's key and state in a store
     comat config   print the resolved configuration
+    comat export   copy the trained LoRA (and a model card) out of the store into a folder
     comat deploy   register the deployments of deployments/prefect.yaml with a Prefect server
 
 Everything is validated before any work starts: a bad preset, key, value, prompt file, storage URL
@@ -27,6 +28,7 @@ EPILOG = """examples:
   comat status --storage ./comat-artifacts/tiny
   comat config --preset sdxl                  # print the resolved configuration as YAML
   comat run --preset shapes                   # the shapes world: base vs CoMat, scored by an exact judge
+  comat export --storage ./comat-artifacts/tiny --to ./comat-lora   # LoRA + model card, for the Hub
 """
 
 
@@ -62,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cf = sub.add_parser("config", help="print the resolved configuration as YAML")
     _common(cf)
+
+    ex = sub.add_parser("export", help="copy the trained LoRA, the evaluation report and a model card into a folder")
+    _common(ex)
+    ex.add_argument("--to", required=True, metavar="DIR", help="a new (or empty) local folder")
 
     dp = sub.add_parser("deploy", help="register deployments/prefect.yaml with the Prefect server in PREFECT_API_URL")
     dp.add_argument("--name", action="append", default=None, help="only this deployment (repeatable)")
@@ -135,6 +141,8 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "status":
         return _status(cfg)
+    if args.command == "export":
+        return _export(cfg, args.to)
     stages, force = _split(args.stages), _split(args.force)
     preflight(cfg, stages=stages, force=force)
     from flows.pipeline import comat
@@ -162,6 +170,21 @@ def _status(cfg) -> int:
     for r in rows:
         state = r.state + (f" ({r.shards} shards)" if r.state == "partial" else "")
         print(f"  {r.stage:<17} {r.key or '-':<17} {state:<22} {r.detail if r.state != 'waiting' else ''}")
+    return 0
+
+
+def _export(cfg, to: str) -> int:
+    from comat_core.export import export
+    from comat_core.store.storage import ArtifactStore
+
+    store = ArtifactStore(cfg.storage.root, cfg.storage.options)
+    store.check_reachable()
+    out = export(cfg, store, to)
+    print(f"exported {out['lora']} to {out['to']}")
+    for what in ("unet", "evaluation"):
+        if out[what]:
+            print(f"  with {what}: {out[what]}")
+    print(f"load it: pipe.load_lora_weights({out['to']!r}); publish it: hf upload <user>/<repo> {out['to']}")
     return 0
 
 
