@@ -253,8 +253,21 @@ def test_missing_gan_gt_latent_is_an_input_error(store):
         gt.latents(["not-a-prompt-id"])
 
 
+def gsam_unavailable() -> str | None:
+    """Why the gsam backend cannot run here, or None. segment_anything imports torchvision, and a
+    torchvision built for another torch fails at import with a RuntimeError, not an ImportError."""
+    try:
+        import segment_anything  # noqa: F401
+        import torchvision  # noqa: F401
+    except Exception as e:
+        return (f"the gsam extra does not import beside this torch ({type(e).__name__}: {str(e)[:80]}); "
+                "`COMAT_CI_GSAM=1 bash .ci/run` tests it in its own environment")
+    return None
+
+
 def test_gsam_backend_end_to_end(store, tmp_path):
-    pytest.importorskip("segment_anything")
+    if reason := gsam_unavailable():
+        pytest.skip(reason)
     from comat_core.stages.masks.gsam import build_sam, build_tiny_sam
 
     cfg = config(store, "masks.backend=gsam")
