@@ -24,6 +24,7 @@ EPILOG = """examples:
   comat run --preset sd15 --storage s3://bucket/comat --prompts 'data/prompts/*.txt'
   comat run --stages prompts,gan_gt           # only these stages (their inputs must exist)
   comat run --force train                     # recompute train (and, through new keys, evaluate)
+  CUDA_VISIBLE_DEVICES=3 comat run --stages gan_gt --part 3/8   # one of 8 GPUs; then once without --part
   comat run --set train.learning_rate=1e-4 --set train.max_steps=500
   comat status --storage ./comat-artifacts/tiny
   comat config --preset sdxl                  # print the resolved configuration as YAML
@@ -58,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run)
     run.add_argument("--stages", metavar="A,B", help="run only these stages (comma separated), in pipeline order")
     run.add_argument("--force", metavar="A,B", help="recompute these stages even when complete; dependants follow")
+    run.add_argument("--part", metavar="K/N",
+                     help="with one sharded --stages stage: compute only part K of N (K from 0) of its shards, "
+                          "without Prefect and without committing the stage (one process per GPU side by side; "
+                          "then run the stage once without --part to verify the shards and commit it)")
 
     st = sub.add_parser("status", help="show each stage's key and state (complete / partial / missing)")
     _common(st)
@@ -145,6 +150,8 @@ def _dispatch(args) -> int:
         return _export(cfg, args.to)
     stages, force = _split(args.stages), _split(args.force)
     preflight(cfg, stages=stages, force=force)
+    if args.part:
+        return _run_part(cfg, stages, force, args.part)
     from flows.pipeline import comat
 
     results = comat(config=config_request(args), stages=stages, force=force)
@@ -170,6 +177,22 @@ def _status(cfg) -> int:
     for r in rows:
         state = r.state + (f" ({r.shards} shards)" if r.state == "partial" else "")
         print(f"  {r.stage:<17} {r.key or '-':<17} {state:<22} {r.detail if r.state != 'waiting' else ''}")
+    return 0
+
+
+def _run_part(cfg, stages: list[str] | None, force: list[str] | None, part: str) -> int:
+    from comat_core.errors import ConfigError
+    from comat_core.stages.registry import STAGES, run_stage
+    from comat_core.store.shards import ShardPart
+    from comat_core.store.storage import ArtifactStore
+
+    if not stages or len(stages) != 1 or not STAGES[stages[0]].sharded or force:
+        sharded = ", ".join(s for s in cfg.stage_order() if STAGES[s].sharded)
+        raise ConfigError(f"--part needs exactly one sharded stage in --stages ({sharded}) and no --force")
+    shard_part = ShardPart.parse(part)
+    result = run_stage(cfg, ArtifactStore(cfg.storage.root, cfg.storage.options), stages[0], shard_part=shard_part)
+    state = "already complete" if result.cached else f"part {part} done, stage not committed"
+    print(f"{stages[0]}  {result.url}  ({state})")
     return 0
 
 
