@@ -335,23 +335,34 @@ def test_image_has_no_secrets_and_copies_existing_sources(pool):
     assert "groundingdino" not in re.sub(r"#.*", "", text).lower()
 
 
-def test_gpu_image_keeps_the_cuda_torch_of_its_base():
+def _pins() -> dict[str, str]:
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    return dict(line.split("==", 1) for line in lines if "==" in line and not line.startswith("#"))
+
+
+def test_gpu_image_installs_the_pinned_cuda_torch():
+    """The GPU image installs constraints.txt as it is: PyPI's torch 2.13.0, the CUDA build."""
     instructions = _dockerfile_instructions(DOCKERFILES["gpu"])
     base = _expand(dict(instructions)["FROM"], _arg_defaults(instructions))
-    assert base.startswith("pytorch/pytorch:") and "cuda" in base and "cudnn" in base
+    assert base.startswith("python:3.11"), "the CUDA libraries come as wheels with torch; no CUDA base image"
+    assert any(k == "COPY" and "constraints.txt" in a for k, a in instructions)
     runs = " ".join(a for k, a in instructions if k == "RUN")
-    assert "m.version(p)" in runs and "keep-torch.txt" in runs  # constraints from the installed torch
+    assert "pip install -c constraints.txt -e" in runs and "torch.version.cuda" in runs
+    assert "+" not in _pins()["torch"], "a local version tag (+cpu, +cu130) is not on PyPI"
 
 
 def test_cpu_image_installs_torch_from_the_cpu_index():
     instructions = _dockerfile_instructions(DOCKERFILES["cpu"])
     args = _arg_defaults(instructions)
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    pins = _pins()
+    assert (args["TORCH_VERSION"], args["TORCHVISION_VERSION"]) == (pins["torch"], pins["torchvision"])
     runs = [a for k, a in instructions if k == "RUN"]
     torch_install = next(r for r in runs if "TORCH_INDEX_URL" in r)
     package_install = next(r for r in runs if "-e \"." in r)
     assert runs.index(torch_install) < runs.index(package_install)
     assert 'torch==%s' in package_install and "${TORCH_VERSION}" in package_install
+    assert "constraints.txt" in package_install
 
 
 def test_dockerignore_keeps_venv_secrets_and_artifacts_out_of_the_context():

@@ -12,8 +12,9 @@ ARG BASE_IMAGE=python:3.11.13-slim-bookworm
 FROM ${BASE_IMAGE}
 
 # CPU-only torch from the PyTorch CPU index: about 200 MB instead of the multi-GB CUDA wheels of PyPI.
-ARG TORCH_VERSION=2.8.0
-ARG TORCHVISION_VERSION=0.23.0
+# The version is constraints.txt's (tests/test_infra.py checks that they agree).
+ARG TORCH_VERSION=2.13.0
+ARG TORCHVISION_VERSION=0.28.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # Optional extras of the package, comma separated (e.g. "gsam").
 ARG COMAT_EXTRAS=""
@@ -39,15 +40,17 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 
 # Same layout as the GPU image: code in /opt/comat, installed in editable mode.
 WORKDIR /opt/comat
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY comat_core ./comat_core
 COPY tasks ./tasks
 COPY flows ./flows
 COPY deployments ./deployments
 
-# The constraint keeps the CPU torch: no dependency may swap it for PyPI's CUDA build.
+# The pinned set of constraints.txt with the torch pair above, so that no dependency swaps the CPU build
+# for PyPI's CUDA build.
 RUN --mount=type=cache,target=/root/.cache/pip \
     printf 'torch==%s\ntorchvision==%s\n' "${TORCH_VERSION}" "${TORCHVISION_VERSION}" > /tmp/keep-torch.txt \
+ && grep -v -E '^(torch|torchvision)==' constraints.txt >> /tmp/keep-torch.txt \
  && pip install -c /tmp/keep-torch.txt -e ".${COMAT_EXTRAS:+[$COMAT_EXTRAS]}" \
  && rm /tmp/keep-torch.txt \
  && python -c "import torch, comat_core, flows, prefect; assert not torch.cuda.is_available(); print('torch', torch.__version__)"

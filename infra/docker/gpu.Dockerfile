@@ -15,8 +15,11 @@
 # There is deliberately no ENTRYPOINT: an ENTRYPOINT would be prepended to the command that
 # Kubernetes and Docker workers pass, and the flow run would never start.
 
-# PyTorch 2.8.0 + CUDA 12.8 + cuDNN 9, Python 3.11 (inside the allowed torch range of pyproject.toml).
-ARG BASE_IMAGE=pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
+# torch 2.13.0 as PyPI ships it for Linux: built for CUDA 13.0, with the CUDA runtime, cuBLAS, cuDNN and
+# NCCL as `nvidia-*` wheels, so the image needs no CUDA toolkit, only the host's NVIDIA driver (>= 580,
+# the first with CUDA 13.0) through the NVIDIA Container Toolkit. The versions are constraints.txt's,
+# the same the test suite runs with (there on a CPU build of the same torch).
+ARG BASE_IMAGE=python:3.11.13-slim-bookworm
 FROM ${BASE_IMAGE}
 
 # Optional extras of the package, comma separated: "gsam" adds segment-anything for the gsam masks
@@ -34,7 +37,9 @@ ENV PYTHONUNBUFFERED=1 \
     COMAT_CACHE=/cache/comat \
     DO_NOT_TRACK=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \
-    PREFECT_SERVER_ANALYTICS_ENABLED=false
+    PREFECT_SERVER_ANALYTICS_ENABLED=false \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 RUN groupadd --gid "${COMAT_UID}" comat \
  && useradd --uid "${COMAT_UID}" --gid comat --create-home --shell /bin/bash comat \
@@ -45,19 +50,16 @@ RUN groupadd --gid "${COMAT_UID}" comat \
 # from there in editable mode, so the flow entrypoints of deployments/prefect.yaml (paths relative to
 # /opt/comat) and the installed package are the same files.
 WORKDIR /opt/comat
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY comat_core ./comat_core
 COPY tasks ./tasks
 COPY flows ./flows
 COPY deployments ./deployments
 
-# Keep the base image's CUDA torch (and torchvision): pin them to the installed versions so that
-# no dependency can pull another torch build.
+# The pinned set, CUDA torch included (about 4.5 GB installed); `gsam` adds the torchvision built for it.
 RUN --mount=type=cache,target=/root/.cache/pip \
-    python -c "import importlib.metadata as m; print('\n'.join(f'{p}=={m.version(p)}' for p in ('torch', 'torchvision') if any(d.metadata['Name'] == p for d in m.distributions())))" > /tmp/keep-torch.txt \
- && pip install -c /tmp/keep-torch.txt -e ".${COMAT_EXTRAS:+[$COMAT_EXTRAS]}" \
- && rm /tmp/keep-torch.txt \
- && python -c "import torch, comat_core, flows, prefect; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+    pip install -c constraints.txt -e ".${COMAT_EXTRAS:+[$COMAT_EXTRAS]}" \
+ && python -c "import torch, comat_core, flows, prefect; assert torch.version.cuda, 'not a CUDA build'; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 # Numeric, so that Kubernetes `runAsNonRoot` can verify it.
 USER ${COMAT_UID}:${COMAT_UID}
