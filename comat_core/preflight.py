@@ -67,9 +67,11 @@ def check_stage_names(cfg: ComatConfig, names: list[str] | None, what: str) -> N
 
 # What `hf download` fetches for each kind of model: configs, tokenizers and the safetensors weights of
 # each component, never the multi-GB single-file .ckpt / .safetensors checkpoints at a pipeline's top level.
-PIPELINE_FILES = ('"model_index.json" "*/*.json" "*/*.txt" "*/diffusion_pytorch_model.safetensors" '
-                  '"*/model.safetensors" "*/*.model"')
-MODEL_FILES = '"*.json" "*.txt" "*.model" "model.safetensors"'
+# `hf download` takes one pattern per --include (a second bare pattern would be read as a file name,
+# and then every --include is ignored).
+PIPELINE_FILES = ("model_index.json", "*/*.json", "*/*.txt", "*/diffusion_pytorch_model.safetensors",
+                  "*/model.safetensors", "*/*.model")
+MODEL_FILES = ("*.json", "*.txt", "*.model", "model.safetensors")
 PIPELINE_FIELDS = ("pretrained", "discriminator")  # diffusers pipelines; the rest are single models (or a VAE)
 
 
@@ -100,7 +102,8 @@ def check_models(cfg: ComatConfig, stages: list[str] | None = None) -> None:
         if is_tiny(value) or is_world(value) or is_local(value) or _in_hub_cache(value):
             continue
         files = PIPELINE_FILES if field in PIPELINE_FIELDS else MODEL_FILES
-        missing.append(f"models.{field}={value} (hf download {value} --include {files})")
+        includes = " ".join(f'--include "{f}"' for f in files)
+        missing.append(f"models.{field}={value} (hf download {value} {includes})")
     if missing:
         raise InputError(f"HF_HUB_OFFLINE=1 and {len(missing)} model(s) are not in the Hub cache "
                          f"({_hub_cache()}): " + "; ".join(missing))

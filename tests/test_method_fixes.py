@@ -236,6 +236,7 @@ def test_missing_offline_models_fail_before_any_work_in_one_line(tmp_path, monke
     assert "models.pretrained=stable-diffusion-v1-5/stable-diffusion-v1-5 (hf download " in message
     assert "models.captioner=Salesforce/blip-image-captioning-large" in message
     assert "--include" in message and "grounding" not in message  # only what gan_gt and train need
+    assert '--include "model_index.json" --include "*/*.json"' in message  # one pattern per --include: hf reads a bare one as a file name
     # once the cache holds a snapshot, that model is no longer reported
     (tmp_path / "models--Salesforce--blip-image-captioning-large" / "snapshots" / "abc").mkdir(parents=True)
     (tmp_path / "models--Salesforce--blip-image-captioning-large" / "snapshots" / "abc" / "config.json").write_text("{}")
