@@ -11,7 +11,8 @@ from comat_core.stages.registry import compute_key, run_stage
 from comat_core.store.storage import ArtifactStore
 from flows.cli import main
 
-FAST = ["prompts.max_prompts=4", "gan_gt.shard_size=1", "gan_gt.num_inference_steps=2", "gan_gt.preview_images=1"]
+FAST = ["prompts.max_prompts=4", "gan_gt.shard_size=1", "gan_gt.num_inference_steps=2", "gan_gt.preview_images=1",
+        "train.num_inference_steps=2", "train.grad_steps=1"]  # train replays gan_gt's sampler (gt_noise)
 
 
 def cli(capsys, root, *args):
