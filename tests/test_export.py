@@ -94,3 +94,32 @@ def test_export_carries_the_evaluation_report_once_evaluated(capsys, trained, tm
     assert table and table[0] in card and "Not evaluated yet" not in card
     assert "\n### Evaluation: base vs tuned" in card  # the report's headings sit under the card's own
     assert "with evaluation" in stdout
+
+
+def test_sdxl_export_carries_the_prefinetuned_unet_the_lora_was_trained_on(capsys, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from comat_core.models.loader import load_sd_pipeline
+
+    fast = FAST + ["sdxl_prefinetune.num_images=2", "sdxl_prefinetune.max_steps=1",
+                   "sdxl_prefinetune.num_inference_steps=2", "train.max_steps=1"]
+    cfg = load_config("tiny-sdxl", overrides=fast, extra={"storage": {"root": str(tmp_path / "store")}})
+    store = ArtifactStore(str(tmp_path / "store"))
+    for stage in ("prompts", "sdxl_prefinetune", "gan_gt", "masks", "train"):
+        run_stage(cfg, store, stage)
+    out = tmp_path / "sdxl-lora"
+    rc = main(["export", "--preset", "tiny-sdxl", "--storage", str(tmp_path / "store"),
+               *[a for o in fast for a in ("--set", o)], "--to", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    pre = store.reader("sdxl_prefinetune", compute_key(cfg, store, "sdxl_prefinetune"))
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        assert (out / "unet" / name).read_bytes() == pre.read_bytes(f"unet/{name}")
+    card = (out / "README.md").read_text()
+    assert 'subfolder="unet"' in card and "StableDiffusionXLPipeline" in card
+
+    # the card's lines: the fine-tuned UNet, then the LoRA on top of it
+    pipe = load_sd_pipeline("tiny://sdxl", "sdxl")
+    pipe.unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
+    pipe.load_lora_weights(str(out))
+    lora_b = [p for n, p in pipe.unet.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().max() > 0 for p in lora_b)  # PEFT starts B at zero: these are the trained ones
