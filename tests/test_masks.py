@@ -261,7 +261,7 @@ def gsam_unavailable() -> str | None:
         import torchvision  # noqa: F401
     except Exception as e:
         return (f"the gsam extra does not import beside this torch ({type(e).__name__}: {str(e)[:80]}); "
-                "`COMAT_CI_GSAM=1 bash .ci/run` tests it in its own environment")
+                "`COMAT_CI_GSAM=1 bash .ci/run` installs it (`=separate`: in an environment of its own)")
     return None
 
 
