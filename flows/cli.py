@@ -105,9 +105,6 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        from diffusers.utils import logging as diffusers_logging
-
-        diffusers_logging.disable_progress_bar()
     from comat_core.errors import ComatError
 
     try:
@@ -137,6 +134,11 @@ def _dispatch(args) -> int:
         return _status(cfg)
     stages, force = _split(args.stages), _split(args.force)
     preflight(cfg, stages=stages, force=force)
+    # the heavy imports (torch, diffusers, Prefect) only now that the request is known to be valid
+    if not args.verbose:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
     from flows.pipeline import comat
 
     results = comat(config=config_request(args), stages=stages, force=force)
