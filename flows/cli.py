@@ -158,7 +158,7 @@ def _status(cfg) -> int:
     from comat_core.store.storage import ArtifactStore
 
     store = ArtifactStore(cfg.storage.root, cfg.storage.options)
-    store.check_reachable()
+    store.check_reachable(write=False)
     rows = status(cfg, store)
     print(f"storage: {store.root_url}   preset: {cfg.preset}")
     for r in rows:

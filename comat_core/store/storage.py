@@ -111,10 +111,18 @@ class ArtifactStore:
         return self.url(stage, key)
 
     # ---------------------------------------------------------------- checks
-    def check_reachable(self) -> None:
-        """Fail early, with one line, if the root cannot be listed or created."""
+    def check_reachable(self, write: bool = True) -> None:
+        """Fail early, with one line, if the root cannot be listed or created.
+
+        ``write=False`` (``comat status``): only read; a local root that does not exist yet is fine
+        (it holds nothing), and nothing is created, so status works on a full or read-only disk."""
         try:
-            if self.is_local:
+            if self.is_local and not write:
+                if os.path.exists(self.root) and not os.path.isdir(self.root):
+                    raise NotADirectoryError(f"{self.root} is a file")
+                if os.path.isdir(self.root):
+                    os.listdir(self.root)
+            elif self.is_local:
                 os.makedirs(self.root, exist_ok=True)
                 probe = self.path(f".probe-{uuid.uuid4().hex}")
                 with open(probe, "wb") as f:
