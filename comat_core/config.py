@@ -75,6 +75,9 @@ class StorageConfig(_Section):
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="fsspec storage options (e.g. {endpoint_url: …}); credentials belong in the environment")
+    timeout: float = Field(
+        300.0, ge=0, description="seconds one remote storage operation (read, write, list) may take before it fails "
+                                 "and the stage is retried; a slow one is logged while it waits (0: no bound)")
 
     @field_validator("root")
     @classmethod
