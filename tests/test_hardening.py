@@ -99,3 +99,264 @@ def test_tiny_version_and_kinds_are_read_without_importing_tiny():
 
     assert loader.builder_version() == tiny.builder_version()
     assert loader.TINY_KINDS == tiny.TINY_KINDS
+
+
+# ---------------------------------------------------------------- a small complete store to break
+
+# The smallest tiny run (as in test_orchestration): 4 prompts, 2 per shard, two training steps.
+FAST = [
+    "prompts.max_prompts=4",
+    "gan_gt.shard_size=2", "gan_gt.num_inference_steps=2", "gan_gt.preview_images=2",
+    "masks.shard_size=2",
+    "train.max_steps=2", "train.num_inference_steps=2", "train.grad_steps=1", "train.losses.attribute_steps=1",
+    "train.checkpoint_every=1", "train.validation_every=2",
+    "evaluate.categories=[color]", "evaluate.prompts_per_category=1", "evaluate.images_per_prompt=1",
+    "evaluate.num_inference_steps=2", "evaluate.bootstrap_samples=10", "evaluate.grid_prompts=1",
+]
+SETS = [a for s in FAST for a in ("--set", s)]
+
+
+def fast_cfg(root, *overrides):
+    from comat_core.config import load_config
+
+    return load_config("tiny", overrides=FAST + list(overrides), extra={"storage": {"root": str(root)}})
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """prompts, gan_gt, masks and train, complete (evaluate is not needed to break things)."""
+    from comat_core.stages.registry import run_stage
+    from comat_core.store.storage import ArtifactStore
+
+    root = tmp_path_factory.mktemp("hardening") / "store"
+    cfg = fast_cfg(root)
+    for stage in ("prompts", "gan_gt", "masks", "train"):
+        run_stage(cfg, ArtifactStore(root), stage)
+    return root
+
+
+@pytest.fixture
+def store_copy(base, tmp_path):
+    import shutil
+
+    from comat_core.store.storage import ArtifactStore
+
+    root = tmp_path / "store"
+    shutil.copytree(base, root)
+    return fast_cfg(root), ArtifactStore(root)
+
+
+def key_of(cfg, store, stage):
+    from comat_core.stages.registry import compute_key
+
+    return compute_key(cfg, store, stage)
+
+
+def flip_byte(path) -> None:
+    data = bytearray(Path(path).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    Path(path).write_bytes(bytes(data))
+
+
+def status_rows(capsys, store, *extra):
+    rc = main(["status", "--preset", "tiny", *SETS, "--storage", store.root, *extra])
+    out = capsys.readouterr()
+    rows = {line.split()[0]: line for line in out.out.splitlines()[1:]}
+    return rc, rows, out.err
+
+
+# ---------------------------------------------------------------- unreadable manifests (point 3)
+
+def test_unreadable_stage_and_shard_manifests_are_incomplete_and_recomputed(store_copy, capsys, caplog):
+    from comat_core.stages.registry import run_stage
+
+    cfg, store = store_copy
+    gkey, mkey = key_of(cfg, store, "gan_gt"), key_of(cfg, store, "masks")
+    # a torn stage manifest: masks is incomplete (not a crash), named, and recomputed
+    Path(store.manifest_path("masks", mkey)).write_bytes(b"\x00\xff not json")
+    with caplog.at_level(logging.WARNING, logger="comat.storage"):
+        rc, rows, err = status_rows(capsys, store)
+    assert rc == 0 and "Traceback" not in err and "partial" in rows["masks"] and "waiting" in rows["train"]
+    assert f"stage manifest {store.manifest_path('masks', mkey)} cannot be read" in caplog.text
+    res = run_stage(cfg, store, "masks")
+    assert not res.cached and res.key == mkey and store.read_manifest("masks", mkey) is not None
+    assert res.manifest["summary"]["shards_reused"] == 2  # its shards were intact
+
+    # a torn shard manifest in an uncommitted stage: not counted, recomputed alone
+    Path(store.manifest_path("gan_gt", gkey)).unlink()
+    shard = Path(store.path("gan_gt", gkey, "_shards", "shard-00000.json"))
+    shard.write_text('{"shard": "shard-00000", "files": {')
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="comat.storage"):
+        rc, rows, err = status_rows(capsys, store)
+    assert rc == 0 and "partial (1 shards)" in rows["gan_gt"]  # two shards, the torn one does not count
+    assert f"shard manifest {shard} cannot be read" in caplog.text
+    res = run_stage(cfg, store, "gan_gt")
+    assert res.manifest["summary"]["shards_generated"] == 1 and res.manifest["summary"]["shards_reused"] == 1
+    json.loads(shard.read_text())  # rewritten
+
+
+# ---------------------------------------------------------------- status --verify (point 11)
+
+def test_status_verify_names_the_corrupt_file_and_plain_status_stays_cheap(store_copy, capsys):
+    cfg, store = store_copy
+    gkey = key_of(cfg, store, "gan_gt")
+    flip_byte(store.path("gan_gt", gkey, "latents-00001.safetensors"))
+    rc, rows, _ = status_rows(capsys, store)
+    assert rc == 0 and "complete" in rows["gan_gt"]  # manifests only
+    rc, rows, err = status_rows(capsys, store, "--verify")
+    assert rc == 1
+    assert "corrupt" in rows["gan_gt"] and "latents-00001.safetensors (sha256 mismatch)" in rows["gan_gt"]
+    assert "(verified)" in rows["prompts"] and "(verified)" in rows["masks"]
+    assert one_line_error(err) and "comat run --force gan_gt" in err
+
+
+# ---------------------------------------------------------------- corrupt checkpoint on resume (point 12)
+
+def test_corrupt_checkpoint_is_skipped_with_a_warning_naming_it(store_copy, caplog):
+    from comat_core.stages.registry import run_stage
+
+    cfg, store = store_copy
+    tkey = key_of(cfg, store, "train")
+    Path(store.manifest_path("train", tkey)).unlink()  # as if killed after its last checkpoint
+    flip_byte(store.path("train", tkey, "checkpoints", "step-000002", "state.safetensors"))
+    with caplog.at_level(logging.INFO):
+        res = run_stage(cfg, store, "train")
+    assert ("checkpoint step 2 skipped on resume: checkpoints/step-000002/state.safetensors does not match its "
+            "manifest") in caplog.text
+    assert res.manifest["summary"]["resumed_from"] == 1 and res.manifest["summary"]["steps"] == 2
+
+
+# ---------------------------------------------------------------- --force (point 10)
+
+def test_force_verifies_inputs_before_touching_the_output(store_copy):
+    from comat_core.errors import IntegrityError
+    from comat_core.stages.registry import run_stage
+
+    cfg, store = store_copy
+    gkey, mkey = key_of(cfg, store, "gan_gt"), key_of(cfg, store, "masks")
+    def files():
+        return {p: Path(p).read_bytes() for p in glob.glob(store.path("masks", mkey, "**"), recursive=True)
+                if os.path.isfile(p)}
+
+    before = files()
+    flip_byte(store.path("gan_gt", gkey, "latents-00000.safetensors"))
+    with pytest.raises(IntegrityError, match="latents-00000.safetensors does not match its manifest"):
+        run_stage(cfg, store, "masks", force=True)
+    assert files() == before and len(before) > 4
+
+
+def test_force_keeps_the_old_output_until_the_new_one_is_committed(store_copy):
+    from comat_core.stages.registry import run_stage
+
+    cfg, store = store_copy
+    mkey = key_of(cfg, store, "masks")
+    old = store.read_manifest("masks", mkey)
+    with pytest.raises(RuntimeError, match="fail_at_shard=1"):
+        run_stage(cfg, store, "masks", force=True, hooks={"fail_at_shard": 1})
+    assert store.read_manifest("masks", mkey) == old  # the failed recompute gave the old output back
+    store.reader("masks", mkey).verify()
+    res = run_stage(cfg, store, "masks", force=True)
+    assert not res.cached and res.manifest["finished_at"] != old["finished_at"]
+    assert store.listdir(store.path("masks")) == [mkey]  # nothing set aside is left behind
+
+
+# ---------------------------------------------------------------- storage outages and stalls (point 4)
+
+def test_a_stalled_storage_call_is_logged_then_bounded(caplog):
+    import time as _time
+
+    from comat_core.errors import StorageError
+    from comat_core.store.storage import ArtifactStore
+
+    store = ArtifactStore("memory://hardening-stall", timeout=2)
+    real = store.fs.pipe_file
+    store.fs.pipe_file = lambda path, data, **kw: (_time.sleep(4), real(path, data))
+    t0 = _time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="comat.storage"), \
+            pytest.raises(StorageError, match=r"storage write of memory://.*/x.bin did not finish in 2 s \(storage.timeout\)"):
+        store.write_bytes(store.path("x.bin"), b"data")
+    assert _time.monotonic() - t0 < 3.5
+    assert "still waiting after" in caplog.text and "gives up at 2 s" in caplog.text
+
+
+def test_an_endpoint_that_is_gone_is_a_storage_error_not_a_client_traceback(monkeypatch):
+    from comat_core.errors import StorageError
+    from comat_core.store.storage import ArtifactStore
+    from tasks.stage import is_transient
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    store = ArtifactStore("s3://comat-gone/x", {"config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}},
+                          timeout=30)
+    with pytest.raises(StorageError, match=r"cannot (write|reach|check) .*comat-gone") as e:
+        store.write_bytes(store.path("a.bin"), b"data")
+    assert "\n" not in str(e.value) and is_transient(e.value)
+
+
+def test_a_failure_inside_the_flow_is_one_line_and_the_traceback_goes_to_the_debug_log(store_copy, tmp_path):
+    """A stage failing inside Prefect's flow: no traceback on the console, one line at the end."""
+    cfg, store = store_copy
+    env = dict(os.environ, COMAT_TEST_FAIL_AT_SHARD="masks:1")  # the session's COMAT_CACHE: tiny models built
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--preset", "tiny", *SETS,
+                          "--storage", store.root, "--stages", "masks", "--force", "masks"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr + out.stdout
+    last = [line for line in out.stderr.splitlines() if line.startswith("comat: error:")]
+    assert len(last) == 1 and "RuntimeError: test hook: fail_at_shard=1 (details: " in last[0]
+    debug_log = last[0].rsplit("(details: ", 1)[1].rstrip(")")
+    assert "Traceback" in Path(debug_log).read_text()
+    assert store.read_manifest("masks", key_of(cfg, store, "masks")) is not None  # --force gave the old output back
+
+
+# ---------------------------------------------------------------- bit-reproducible artifacts (point 13)
+
+RERUN = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_hardening import fast_cfg
+from comat_core.stages.registry import run_stage
+from comat_core.store.storage import ArtifactStore
+cfg = fast_cfg(sys.argv[1])
+for stage in ("train", "evaluate"):
+    run_stage(cfg, ArtifactStore(cfg.storage.root), stage)
+"""
+
+
+def data_files(root: Path, stage: str) -> dict[str, bytes]:
+    """Every file of the stage's one key folder but the manifests (which hold timings by design)."""
+    (folder,) = [p for p in (root / stage).iterdir() if not p.name.startswith(".")]
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "_manifest.json" and "_shards" not in p.parts}
+
+
+def test_two_trainings_with_different_hash_seeds_write_identical_bytes(base, tmp_path):
+    """LoRA (its header too), checkpoint tensors, data tables, images and the report: byte-identical
+    across two processes with different PYTHONHASHSEED and different storage roots."""
+    import shutil
+
+    roots = []
+    for seed in ("1", "2"):
+        root = tmp_path / f"run-{seed}" / "store"
+        shutil.copytree(base, root)
+        shutil.rmtree(root / "train")
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        out = subprocess.run([sys.executable, "-c", RERUN.format(tests=str(ROOT / "tests")), str(root)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        roots.append(root)
+    for stage in ("train", "evaluate"):
+        a, b = data_files(roots[0], stage), data_files(roots[1], stage)
+        assert a.keys() == b.keys()
+        # records of how the run went hold wall-clock seconds by design: the step metrics (and their plot),
+        # and the checkpoints' JSON state that carries them; everything else must be equal
+        differ = sorted(rel for rel in a if a[rel] != b[rel]
+                        and not rel.endswith(("state.json", "metrics.parquet", "curves.png")))
+        assert differ == [], f"{stage}: {differ}"
+    lora = data_files(roots[0], "train")["lora/pytorch_lora_weights.safetensors"]
+    header = json.loads(lora[8:8 + int.from_bytes(lora[:8], "little")])
+    assert '"unet.target_modules": [\n    "to_k",\n    "to_out.0",\n    "to_q",\n    "to_v"\n  ]' in \
+        header["__metadata__"]["lora_adapter_metadata"]
+    assert str(roots[0]) not in data_files(roots[0], "evaluate")["report.md"].decode()
