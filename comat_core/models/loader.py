@@ -75,6 +75,13 @@ def _builder_version(source: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+def build_tiny(kind: str, out_dir: Path, seed: int = 0) -> Path:
+    """``comat_core.models.tiny.build_tiny``, imported when a tiny model is first built (it imports torch)."""
+    from comat_core.models import tiny
+
+    return tiny.build_tiny(kind, out_dir, seed)
+
+
 def _tiny_kind(name: str) -> str:
     kind = name[len(TINY_SCHEME) :]
     if kind not in TINY_KINDS:
@@ -164,8 +171,6 @@ def _ensure_tiny(kind: str) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         try:
-            from comat_core.models.tiny import build_tiny
-
             build_tiny(kind, tmp)
             # transformers' save_pretrained writes weights on distributed rank 0 only: never cache a
             # folder without them (a rank > 0 building first would otherwise poison the cache)
