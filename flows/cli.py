@@ -194,7 +194,7 @@ def _log_traceback(path: str | None) -> None:
 
 
 def _dispatch(args) -> int:
-    from comat_core.preflight import build_config, preflight
+    from comat_core.preflight import build_config, check_this_machine, preflight
 
     if args.command == "deploy":
         from flows.deploy import deploy
@@ -210,6 +210,7 @@ def _dispatch(args) -> int:
         return _status(cfg, verify=args.verify)
     stages, force = _split(args.stages), _split(args.force)
     preflight(cfg, stages=stages, force=force)
+    check_this_machine(cfg, stages=stages, force=force)  # the stages run here, in this process
     # the heavy imports (torch, diffusers, Prefect) only now that the request is known to be valid
     if not args.verbose:
         from diffusers.utils import logging as diffusers_logging

@@ -65,16 +65,6 @@ def test_bad_input_is_one_line_before_any_stage(capsys, tmp_path, monkeypatch, m
     assert not glob.glob(f"{tmp_path}/**/*.parquet", recursive=True)
 
 
-def test_offline_and_device_checks_skip_stages_already_complete(tmp_path, monkeypatch):
-    """A complete stage loads no model: its models need not be downloaded, nor a GPU be there."""
-    from comat_core.preflight import build_config, model_fields, stages_to_compute
-
-    cfg = build_config({"preset": "tiny", "storage": str(tmp_path)})
-    assert stages_to_compute(cfg, None, None) == cfg.stage_order()  # nothing there yet
-    assert model_fields(cfg, ["prompts"]) == ["pretrained"]
-    assert set(model_fields(cfg, ["masks"])) == {"pretrained", "grounding_dino", "sam"}  # hf backend: no checkpoint
-
-
 # ---------------------------------------------------------------- status and config answer fast
 
 @pytest.mark.parametrize("args", [
@@ -163,6 +153,28 @@ def status_rows(capsys, store, *extra):
     out = capsys.readouterr()
     rows = {line.split()[0]: line for line in out.out.splitlines()[1:]}
     return rc, rows, out.err
+
+
+# ---------------------------------------------------------------- checks of this machine (point 5)
+
+def test_offline_and_device_checks_cover_only_the_stages_that_will_compute(store_copy, monkeypatch):
+    """A complete stage loads no model: its models need not be downloaded, nor a GPU be there."""
+    import torch
+
+    from comat_core.errors import ConfigError, InputError
+    from comat_core.preflight import check_this_machine, model_fields, stages_to_compute
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _, store = store_copy
+    cfg = fast_cfg(store.root, "runtime.device=cuda", "models.clip=openai/clip-vit-base-patch32")
+    assert stages_to_compute(cfg, None, None) == ["evaluate"]  # the fixture stops before evaluate
+    assert stages_to_compute(cfg, None, ["masks"]) == ["masks", "train", "evaluate"]
+    assert model_fields(cfg, ["masks"]) == ["pretrained", "grounding_dino", "sam"]  # hf backend: no checkpoint
+    check_this_machine(cfg, ["prompts", "gan_gt", "masks", "train"])  # all cached: nothing to check
+    with pytest.raises(ConfigError, match="runtime.device is cuda but no CUDA GPU"):
+        check_this_machine(fast_cfg(store.root, "runtime.device=cuda"), None)
+    with pytest.raises(InputError, match="models.clip: 'openai/clip-vit-base-patch32' is not in the local"):
+        check_this_machine(cfg, None)  # evaluate would load CLIP from the hub
 
 
 # ---------------------------------------------------------------- unreadable manifests (point 3)

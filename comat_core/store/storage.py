@@ -274,6 +274,8 @@ class ArtifactStore:
             return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in names)
         except FileNotFoundError:
             return []
+        except OSError as e:
+            raise StorageError(f"cannot list {self.url_of(path)}: {_one_line(e)}") from None
 
     # ---------------------------------------------------------------- manifests
     def manifest_path(self, stage: str, key: str) -> str:
