@@ -258,6 +258,18 @@ def test_force_verifies_inputs_before_touching_the_output(store_copy):
     assert files() == before and len(before) > 4
 
 
+def test_fanned_out_force_verifies_inputs_before_deleting_the_output(store_copy):
+    from comat_core.errors import IntegrityError
+    from flows.pipeline import run_stage_fanout
+
+    cfg, store = store_copy
+    mkey = key_of(cfg, store, "masks")
+    flip_byte(store.path("gan_gt", key_of(cfg, store, "gan_gt"), "index-00001.parquet"))
+    with pytest.raises(IntegrityError, match="index-00001.parquet does not match its manifest"):
+        run_stage_fanout("masks", cfg, force=True, parts=2)  # fails before any part is submitted
+    store.reader("masks", mkey).verify()
+
+
 def test_force_keeps_the_old_output_until_the_new_one_is_committed(store_copy):
     from comat_core.stages.registry import run_stage
 

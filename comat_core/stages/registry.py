@@ -309,12 +309,17 @@ def with_world_models(cfg: ComatConfig, inputs: dict[str, StageReader]) -> Comat
     return resolve_world_models(cfg, inputs["world"])
 
 
+def verify_inputs(cfg: ComatConfig, store: ArtifactStore, stage: str) -> None:
+    """Hash every file of the stage's inputs against their manifests (IntegrityError naming the first bad one)."""
+    for name in stage_inputs(cfg, stage):
+        store.reader(name, compute_key(cfg, store, name)).verify()
+
+
 def _force_aside(cfg: ComatConfig, store: ArtifactStore, stage: str, key: str) -> str | None:
     """``force``: verify every input file first (a corrupt input fails here, before the old output is
     touched), then move the old output aside (restored if the recompute fails, removed after the
     commit). On stores where a rename copies every file (S3, GCS) the old output is removed instead."""
-    for name in stage_inputs(cfg, stage):
-        store.reader(name, compute_key(cfg, store, name)).verify()
+    verify_inputs(cfg, store, stage)
     path = store.path(stage, key)
     if store.renames_cheaply:
         return store.set_aside(path)
