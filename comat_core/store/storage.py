@@ -511,10 +511,12 @@ class StageReader:
         try:
             data = self.store.read_bytes(self.store.path(self.stage, self.key, rel))
         except FileNotFoundError:
-            raise IntegrityError(f"{self.url}: {rel} is listed in the manifest but missing; rerun the stage") from None
+            raise IntegrityError(f"{self.url}: {rel} is listed in the manifest but missing; recompute it with "
+                                 f"comat run --force {self.stage}") from None
         entry = self.files[rel]
         if verify and (len(data) != entry["size"] or sha256_bytes(data) != entry["sha256"]):
-            raise IntegrityError(f"{self.url}: {rel} does not match its manifest (sha256); rerun the stage with --force")
+            raise IntegrityError(f"{self.url}: {rel} does not match its manifest (sha256); recompute it with "
+                                 f"comat run --force {self.stage}")
         return data
 
     def verify(self) -> None:
