@@ -162,8 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except ComatError as e:
+        from comat_core.errors import IntegrityError, StorageError
+
         _log_traceback(debug_log)
-        print(f"comat: error: {_first_line(e)}", file=sys.stderr)
+        resume = "; completed stages, shards and checkpoints are kept: rerun to resume" if (
+            isinstance(e, StorageError) and not isinstance(e, IntegrityError) and args.command == "run") else ""
+        print(f"comat: error: {_first_line(e)}{resume}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("comat: interrupted; completed shards and checkpoints are kept, rerun to resume", file=sys.stderr)
