@@ -285,6 +285,26 @@ def test_force_keeps_the_old_output_until_the_new_one_is_committed(store_copy):
     assert store.listdir(store.path("masks")) == [mkey]  # nothing set aside is left behind
 
 
+def test_a_killed_forced_run_is_finished_by_the_next_run_which_then_drops_the_old_output(store_copy):
+    """kill -9 during a forced recompute leaves the old output in a hidden folder: the next run finishes
+    the recompute (what was asked for), and only after its commit removes the old output."""
+    import shutil
+
+    from comat_core.stages.registry import run_stage
+
+    cfg, store = store_copy
+    mkey = key_of(cfg, store, "masks")
+    path = Path(store.path("masks", mkey))
+    aside = Path(store.set_aside(str(path)))  # what the killed run had done first, then one shard
+    for rel in ("_shards/shard-00000.json", "masks-00000.parquet", "index-00000.parquet"):
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(aside / rel, path / rel)
+    assert store.stage_keys("masks") == [mkey] and store.read_manifest("masks", mkey) is None
+    res = run_stage(cfg, store, "masks")
+    assert not res.cached and res.manifest["summary"]["shards_reused"] == 1
+    assert store.listdir(store.path("masks")) == [mkey] and not aside.exists()
+
+
 # ---------------------------------------------------------------- storage outages and stalls (point 4)
 
 def test_a_stalled_storage_call_is_logged_then_bounded(caplog):
