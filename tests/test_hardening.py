@@ -404,3 +404,24 @@ def test_two_trainings_with_different_hash_seeds_write_identical_bytes(base, tmp
     assert '"unet.target_modules": [\n    "to_k",\n    "to_out.0",\n    "to_q",\n    "to_v"\n  ]' in \
         header["__metadata__"]["lora_adapter_metadata"]
     assert str(roots[0]) not in data_files(roots[0], "evaluate")["report.md"].decode()
+
+
+def test_safetensors_metadata_order_is_canonical(tmp_path):
+    """safetensors writes metadata in a Rust hash map's order (random per process): sorted on export."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    from comat_core.models.lora import sort_safetensors_metadata
+
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(5, dtype=torch.int64)}
+    meta = {f"key{i}": f"value {i}" for i in range(12)}
+    files = []
+    for name, order in (("one", meta), ("other", dict(reversed(meta.items())))):
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(save(tensors, metadata=order))
+        sort_safetensors_metadata(path)
+        files.append(path)
+    assert files[0].read_bytes() == files[1].read_bytes()
+    with safe_open(str(files[0]), "pt") as f:
+        assert f.metadata() == meta and torch.equal(f.get_tensor("b"), tensors["b"])
