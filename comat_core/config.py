@@ -75,6 +75,16 @@ class StorageConfig(_Section):
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="fsspec storage options (e.g. {endpoint_url: …}); credentials belong in the environment")
+    timeout: float = Field(
+        300.0, ge=0, description="seconds one remote storage operation (read, write, list) may take before it fails "
+                                 "and the stage is retried; a slow one is logged while it waits (0: no bound)")
+
+    @field_validator("root")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("is empty; give a folder or URL (an empty root would write into the current directory)")
+        return v.strip()
 
 
 class ModelsConfig(_Section):
@@ -103,8 +113,10 @@ class PromptsConfig(_Section):
     exclude: list[str] = Field(default_factory=list, description="evaluation prompt files whose prompts are removed from training")
     parser: Literal["auto", "offline", "spacy"] = "auto"
     max_prompts: int | None = Field(None, ge=1, description="keep the first N unique prompts (None: all)")
-    long_prompts: Literal["warn", "truncate"] = Field(
-        "warn", description="prompts longer than the text encoder's limit: warn and keep (the encoder truncates) or cut them")
+    long_prompts: Literal["truncate", "error"] = Field(
+        "truncate", description="prompts longer than max_tokens (the text encoder's window): cut them to it, so every "
+                                "model (text encoder, captioner loss, entity spans) sees the same text, or stop with "
+                                "an error naming the line")
     max_tokens: int = Field(77, ge=8)
 
 

@@ -1,12 +1,16 @@
 """Build the config from a request (CLI flags or flow parameters) and check it before any work.
 
 ``preflight`` fails fast, with one line, on what would otherwise fail halfway through a run: an
-unreachable or unknown storage URL, a prompt source that matches nothing, a local model path that
-does not exist, an unknown stage name.
+unreachable or unknown storage URL, a prompt source that matches nothing (or a folder, a bad line),
+a local model path that does not exist or holds no model, a ``--stages`` run whose inputs are
+missing, an unknown stage name. ``check_this_machine`` adds, for ``comat run``, the Hugging Face ids
+that are not downloaded while HF_HUB_OFFLINE=1 and ``runtime.device=cuda`` without a GPU, checked
+only for the stages that will be computed (not when everything is a cache hit).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -48,7 +52,7 @@ def build_config(request: dict | ConfigRequest | ComatConfig | None) -> ComatCon
         raise ConfigError(f"unknown config request field(s) {sorted(unknown)}; "
                           "use preset, config_file, overrides, storage, prompts, values")
     extra: dict = dict(request.get("values") or {})
-    if request.get("storage"):
+    if request.get("storage") is not None:  # an empty --storage is an error, not the default
         extra.setdefault("storage", {})["root"] = request["storage"]
     if request.get("prompts"):
         extra.setdefault("prompts", {})["sources"] = list(request["prompts"])
@@ -74,32 +78,80 @@ PIPELINE_FILES = ("model_index.json", "*/*.json", "*/*.txt", "*/diffusion_pytorc
 MODEL_FILES = ("*.json", "*.txt", "*.model", "model.safetensors")
 PIPELINE_FIELDS = ("pretrained", "discriminator")  # diffusers pipelines; the rest are single models (or a VAE)
 
+# What each model setting must name when it is a local path: (marker files, one of which must be there; what).
+_PIPELINE = (("model_index.json",), "a diffusers pipeline folder (with model_index.json)")
+_TRANSFORMERS = (("config.json",), "a transformers model folder (with config.json)")
+MODEL_FOLDERS = {
+    "pretrained": _PIPELINE,
+    "discriminator": _PIPELINE,
+    "vae": (("config.json", "model_index.json", "vae/config.json"), "a diffusers VAE folder (config.json) or a pipeline folder"),
+    "captioner": _TRANSFORMERS, "vqa": _TRANSFORMERS, "clip": _TRANSFORMERS,
+    "grounding_dino": _TRANSFORMERS, "sam": _TRANSFORMERS,
+}
 
-def check_models(cfg: ComatConfig, stages: list[str] | None = None) -> None:
-    """Every model the selected stages need must be there before any work starts.
 
-    Local paths must exist. With ``HF_HUB_OFFLINE=1`` every Hub id must be in the Hub cache; the
-    error lists each missing one, on one line, with the ``hf download`` command that fetches it
-    (configs and safetensors only). Online, Hub ids are downloaded when first loaded.
-    """
-    from comat_core.models.loader import is_local, is_tiny, is_world
+def model_fields(cfg: ComatConfig, stages: list[str]) -> list[str]:
+    """The ``models.*`` settings naming a model that these stages load."""
     from comat_core.stages.registry import STAGES
 
-    import os
+    unused = {"family", "sam_model_type", "sam_checkpoint" if cfg.masks.backend == "hf" else "sam"}
+    fields = {f for s in stages if s in STAGES for f in STAGES[s].models} - unused
+    return [f for f in type(cfg.models).model_fields if f in fields and getattr(cfg.models, f)]
 
-    for name, value in cfg.models.model_dump().items():
-        if isinstance(value, str) and is_local(value) and not os.path.exists(os.path.expanduser(value)):
+
+def check_model_paths(cfg: ComatConfig) -> None:
+    """Local model paths must be what their setting expects: an existing folder with the right marker file
+    (a pipeline's model_index.json, a model's config.json), or for ``sam_checkpoint`` a file."""
+    from comat_core.models.loader import is_local, is_tiny, is_world
+
+    for name in type(cfg.models).model_fields:
+        value = getattr(cfg.models, name)
+        if not isinstance(value, str) or name in ("family", "sam_model_type") or is_tiny(value) or is_world(value):
+            continue
+        path = os.path.expanduser(value)
+        if name == "sam_checkpoint":
+            if not os.path.isfile(path):
+                raise InputError(f"models.sam_checkpoint: {value} is {_what_is(path)}; expected a segment_anything "
+                                 "checkpoint file (e.g. sam_vit_h_4b8939.pth)")
+            continue
+        if not (is_local(value) or os.path.exists(path)):
+            continue  # a Hugging Face id
+        markers, expected = MODEL_FOLDERS[name]
+        if not os.path.exists(path):
             raise InputError(f"models.{name}: model path does not exist: {value} "
-                             "(use a Hugging Face id or an existing folder)")
+                             f"(use a Hugging Face id or an existing folder: {expected})")
+        if not os.path.isdir(path) or not any(os.path.isfile(os.path.join(path, m)) for m in markers):
+            raise InputError(f"models.{name}: {value} is {_what_is(path)}; expected {expected}")
+
+
+def _what_is(path: str) -> str:
+    if not os.path.exists(path):
+        return "missing"
+    if os.path.isfile(path):
+        return f"a file ({os.path.getsize(path):,} bytes)"
+    entries = sorted(os.listdir(path))
+    shown = ", ".join(entries[:4]) + (", …" if len(entries) > 4 else "")
+    return f"a folder without a model ({shown or 'empty'})"
+
+
+def check_models(cfg: ComatConfig, stages: list[str] | None = None) -> None:
+    """Every model the given stages need must be there before any work starts.
+
+    Local paths must be model folders (``check_model_paths``). With ``HF_HUB_OFFLINE=1`` every Hub id
+    must be in the Hub cache; the error lists each missing one, on one line, with the ``hf download``
+    command that fetches it (configs and safetensors only). Online, Hub ids are downloaded when first loaded.
+    """
+    from comat_core.models.loader import is_local, is_tiny, is_world
+
+    check_model_paths(cfg)
     if not _hub_offline():
         return
-    fields = {f for s in (stages or cfg.stage_order()) if s in STAGES for f in STAGES[s].models}
     missing = []
-    for field in sorted(fields):
+    for field in sorted(model_fields(cfg, stages if stages is not None else cfg.stage_order())):
         value = getattr(cfg.models, field)
-        if field in ("family", "sam_model_type", "sam_checkpoint") or not isinstance(value, str):
+        if field == "sam_checkpoint" or not isinstance(value, str):
             continue
-        if is_tiny(value) or is_world(value) or is_local(value) or _in_hub_cache(value):
+        if is_tiny(value) or is_world(value) or is_local(value) or os.path.exists(value) or _in_hub_cache(value):
             continue
         files = PIPELINE_FILES if field in PIPELINE_FIELDS else MODEL_FILES
         includes = " ".join(f'--include "{f}"' for f in files)
@@ -129,13 +181,85 @@ def _in_hub_cache(repo_id: str) -> bool:
     return snapshots.is_dir() and any(any(s.iterdir()) for s in snapshots.iterdir() if s.is_dir())
 
 
-def preflight(cfg: ComatConfig, stages: list[str] | None = None, force: list[str] | None = None) -> None:
-    from comat_core.stages.prompts import collect_prompts
+def _store(cfg: ComatConfig):
     from comat_core.store.storage import ArtifactStore
+
+    return ArtifactStore(cfg.storage.root, cfg.storage.options, cfg.storage.timeout)
+
+
+def stages_to_compute(cfg: ComatConfig, stages: list[str] | None, force: list[str] | None) -> list[str]:
+    """The stages this run will compute, not find complete: forced ones and their dependants, and every
+    stage without a manifest at its key (or whose key cannot be known yet because an input is missing)."""
+    from comat_core.errors import StorageError
+    from comat_core.stages.registry import compute_key, downstream
+
+    store = _store(cfg)
+    forced = downstream(cfg, set(force or []))
+    out = []
+    for stage in [s for s in cfg.stage_order() if not stages or s in stages]:
+        if stage in forced:
+            out.append(stage)
+            continue
+        try:
+            key = compute_key(cfg, store, stage)
+        except StorageError:
+            out.append(stage)
+            continue
+        if store.read_manifest(stage, key) is None:
+            out.append(stage)
+    return out
+
+
+def check_inputs_exist(cfg: ComatConfig, stages: list[str] | None) -> None:
+    """With ``--stages``, every input of a selected stage that is not itself selected must be complete."""
+    from comat_core.errors import StorageError
+    from comat_core.stages.registry import compute_key, stage_inputs
+
+    if not stages:
+        return
+    store = _store(cfg)
+    for stage in [s for s in cfg.stage_order() if s in stages]:
+        for name in stage_inputs(cfg, stage):
+            if name in stages:
+                continue
+            try:
+                key = compute_key(cfg, store, name)
+                where = store.stage_url(name, key)
+                complete = store.read_manifest(name, key) is not None
+            except StorageError:
+                where, complete = f"{store.root_url}/{name}", False
+            if not complete:
+                raise InputError(f"stage {stage} needs {name}, which has no complete output at {where}; "
+                                 f"run it first (comat run --stages {name}) or add it to --stages")
+
+
+def check_device(cfg: ComatConfig) -> None:
+    if cfg.runtime.device == "cuda":
+        from comat_core.runtime import resolve_device  # imports torch: only when a GPU is asked for
+
+        resolve_device(cfg)
+
+
+def preflight(cfg: ComatConfig, stages: list[str] | None = None, force: list[str] | None = None) -> None:
+    """Everything that can be checked anywhere before a stage runs: names, storage, prompt files, model paths."""
+    from comat_core.stages.prompts import collect_prompts
 
     check_stage_names(cfg, stages, "--stages")
     check_stage_names(cfg, force, "--force")
-    ArtifactStore(cfg.storage.root, cfg.storage.options).check_reachable()
+    _store(cfg).check_reachable()
     if stages is None or "prompts" in stages:
-        collect_prompts(cfg.prompts, cfg.storage.options)  # every file exists, is UTF-8 and not empty
-    check_models(cfg, stages)
+        collect_prompts(cfg.prompts, cfg.storage.options)  # every file exists, is UTF-8, not empty, clean lines
+    check_model_paths(cfg)
+    check_inputs_exist(cfg, stages)
+
+
+def check_this_machine(cfg: ComatConfig, stages: list[str] | None = None, force: list[str] | None = None) -> None:
+    """What only the machine that computes can check: the Hugging Face ids of the stages it will
+    compute are in its cache (under HF_HUB_OFFLINE=1), and a GPU is there when runtime.device=cuda.
+
+    ``comat run`` (stages in-process) calls it after ``preflight``; the parent flow does not, since with
+    deployments it runs on a CPU worker while the stages run on GPU workers with their own caches."""
+    todo = stages_to_compute(cfg, stages, force)
+    if todo:
+        check_models(cfg, todo)
+        check_device(cfg)

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="show each stage's key and state (complete / partial / missing)")
     _common(st)
+    st.add_argument("--verify", action="store_true",
+                    help="read every file of every complete stage and check it against its manifest (sha256); "
+                         "exit 1 naming the files that fail")
 
     cf = sub.add_parser("config", help="print the resolved configuration as YAML")
     _common(cf)
@@ -103,10 +106,58 @@ def config_request(args) -> dict:
     }
 
 
+EXIT_FAILURE = 1
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _NoTraceback(logging.Formatter):
+    """Console lines without the traceback a record carries (it goes to the debug log instead)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def debug_log_path() -> str:
+    """Where ``comat run`` writes every log record with its traceback: ``<cache>/logs/last-run.log``."""
+    from comat_core.models.loader import cache_dir
+
+    return str(cache_dir() / "logs" / "last-run.log")
+
+
+def setup_logging(verbose: bool, command: str) -> str | None:
+    """Console: one line per record (tracebacks too with ``-v``). ``run`` also writes the debug log,
+    tracebacks included, so an error shows as one line and its details stay one file away."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "comat", False)]:  # main() called again (tests)
+        root.removeHandler(old)
+        old.close()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter(LOG_FORMAT) if verbose else _NoTraceback(LOG_FORMAT))
+    console.comat = True
+    root.addHandler(console)
+    if command != "run":
+        return None
+    path = debug_log_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+    except OSError:
+        return None  # no debug log on a read-only home: the console still has the one-line errors
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.comat = True
+    root.addHandler(handler)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    debug_log = setup_logging(args.verbose, args.command)
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # the embedded server can take longer than Prefect's default to start on a busy 2-core machine
@@ -116,23 +167,49 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        from diffusers.utils import logging as diffusers_logging
-
-        diffusers_logging.disable_progress_bar()
     from comat_core.errors import ComatError
 
+    details = f" (details: {debug_log})" if debug_log else ""
     try:
         return _dispatch(args)
     except ComatError as e:
-        print(f"comat: error: {e}", file=sys.stderr)
+        from comat_core.errors import IntegrityError, StorageError
+
+        _log_traceback(debug_log)
+        resume = "; completed stages, shards and checkpoints are kept: rerun to resume" if (
+            isinstance(e, StorageError) and not isinstance(e, IntegrityError) and args.command == "run") else ""
+        print(f"comat: error: {_first_line(e)}{resume}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("comat: interrupted; completed shards and checkpoints are kept, rerun to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a storage client's error after the retries, or a bug
+        from tasks.stage import is_transient
+
+        _log_traceback(debug_log)
+        if is_transient(e):
+            print(f"comat: error: storage failed after retries: {type(e).__name__}: {_first_line(e)}; completed "
+                  f"shards and checkpoints are kept, rerun when the store is back{details}", file=sys.stderr)
+        else:
+            print(f"comat: error: internal error {type(e).__name__}: {_first_line(e)}{details}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _log_traceback(path: str | None) -> None:
+    if path:
+        import traceback
+
+        with open(path, "a", encoding="utf-8") as f:
+            traceback.print_exc(file=f)
 
 
 def _dispatch(args) -> int:
-    from comat_core.preflight import build_config, preflight
+    from comat_core.preflight import build_config, check_this_machine, preflight
 
     if args.command == "deploy":
         from flows.deploy import deploy
@@ -145,11 +222,17 @@ def _dispatch(args) -> int:
         print(config_to_yaml(cfg), end="")
         return 0
     if args.command == "status":
-        return _status(cfg)
+        return _status(cfg, verify=args.verify)
     if args.command == "export":
         return _export(cfg, args.to)
     stages, force = _split(args.stages), _split(args.force)
     preflight(cfg, stages=stages, force=force)
+    check_this_machine(cfg, stages=stages, force=force)  # the stages run here, in this process
+    # the heavy imports (torch, diffusers, Prefect) only now that the request is known to be valid
+    if not args.verbose:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
     if args.part:
         return _run_part(cfg, stages, force, args.part)
     from flows.pipeline import comat
@@ -166,17 +249,22 @@ def _dispatch(args) -> int:
     return 0
 
 
-def _status(cfg) -> int:
+def _status(cfg, verify: bool = False) -> int:
     from comat_core.stages.registry import status
     from comat_core.store.storage import ArtifactStore
 
-    store = ArtifactStore(cfg.storage.root, cfg.storage.options)
-    store.check_reachable()
-    rows = status(cfg, store)
+    store = ArtifactStore(cfg.storage.root, cfg.storage.options, cfg.storage.timeout)
+    store.check_reachable(write=False)
+    rows = status(cfg, store, verify=verify)
     print(f"storage: {store.root_url}   preset: {cfg.preset}")
     for r in rows:
         state = r.state + (f" ({r.shards} shards)" if r.state == "partial" else "")
         print(f"  {r.stage:<17} {r.key or '-':<17} {state:<22} {r.detail if r.state != 'waiting' else ''}")
+    corrupt = [r.stage for r in rows if r.state == "corrupt"]
+    if corrupt:
+        print(f"comat: error: {', '.join(corrupt)}: files do not match their manifests (listed above); "
+              f"recompute with comat run --force {','.join(corrupt)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -46,7 +46,7 @@ from prefect.states import Failed, State
 
 from comat_core.config import ComatConfig
 from comat_core.errors import ComatError, ConfigError, StorageError
-from comat_core.stages.registry import STAGES, compute_key
+from comat_core.stages.registry import STAGES, compute_key, verify_inputs
 from comat_core.preflight import ConfigRequest, StageName, build_config, preflight
 from flows._naming import parent_run_name
 from flows.logs import forward_to_runs
@@ -87,6 +87,7 @@ def run_stage_fanout(stage: str, cfg: ComatConfig, force: bool, parts: int) -> s
     store = open_store(cfg)
     key = compute_key(cfg, store, stage)
     if force:
+        verify_inputs(cfg, store, stage)  # a corrupt input fails here, before the old output is deleted
         store.remove_tree(store.path(stage, key))  # here, once: a part must never delete another's shards
     elif store.read_manifest(stage, key) is not None:
         log.info("%s: complete at %s, nothing to fan out", stage, store.stage_url(stage, key))

@@ -51,7 +51,7 @@ def persisting(task, cfg: ComatConfig):
 
 def result_storage(cfg: ComatConfig):
     """The Prefect filesystem for this config's task results, or None when the store is neither local nor S3."""
-    store = ArtifactStore(cfg.storage.root, cfg.storage.options)
+    store = ArtifactStore(cfg.storage.root, cfg.storage.options, cfg.storage.timeout)
     if store.is_local:
         return _saved("local", store.path(RESULTS_DIR), "{}")
     if store.url().startswith("s3://"):

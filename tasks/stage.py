@@ -73,7 +73,7 @@ def config_payload(cfg: ComatConfig) -> dict:
 
 
 def open_store(cfg: ComatConfig) -> ArtifactStore:
-    return ArtifactStore(cfg.storage.root, cfg.storage.options)
+    return ArtifactStore(cfg.storage.root, cfg.storage.options, cfg.storage.timeout)
 
 
 # ---------------------------------------------------------------- retries

@@ -72,22 +72,21 @@ def test_stage_writes_parquet_with_entities_and_stable_ids(tmp_path, fixtures):
     assert run_stage(cfg, store, "prompts").key != res.key
 
 
-def test_long_prompts_warn_and_keep_or_truncate(tmp_path, caplog):
+def test_long_prompts_are_truncated_for_every_model_or_rejected(tmp_path, caplog):
     f = tmp_path / "long.txt"
     long = " ".join(["a red cube and a blue sphere"] * 20)
-    f.write_text(f"{long}\na red cube\n", encoding="utf-8")
-    cfg = _cfg(tmp_path, [f])
+    f.write_text(f"a red cube\n{long}\n", encoding="utf-8")
+    cfg = _cfg(tmp_path, [f])  # default: truncate, so the text encoder and the captioner see the same text
     store = ArtifactStore(cfg.storage.root)
     with caplog.at_level(logging.WARNING, logger="comat.prompts"):
         res = run_stage(cfg, store, "prompts")
-    assert "exceed 77 tokens; kept" in caplog.text
-    rows = read_prompts(store.reader("prompts", res.key))
-    assert rows[0]["text"] == long and rows[0]["n_tokens"] > 77
-    assert res.manifest["summary"]["long_prompts"] == 1
-    cfg_t = _cfg(tmp_path / "t", [f], long_prompts="truncate")
-    res_t = run_stage(cfg_t, ArtifactStore(cfg_t.storage.root), "prompts")
-    row = read_prompts(ArtifactStore(cfg_t.storage.root).reader("prompts", res_t.key))[0]
+    assert "exceed 77 tokens and were truncated" in caplog.text and "line 2" in caplog.text
+    row = [r for r in read_prompts(store.reader("prompts", res.key)) if r["text"] != "a red cube"][0]
     assert len(row["text"]) < len(long) and long.startswith(row["text"]) and row["n_tokens"] == 77
+    assert res.manifest["summary"]["long_prompts"] == 1
+    cfg_e = _cfg(tmp_path / "e", [f], long_prompts="error")
+    with pytest.raises(InputError, match=r"long.txt line 2 has \d+ tokens, more than the text encoder's 77"):
+        run_stage(cfg_e, ArtifactStore(cfg_e.storage.root), "prompts")
 
 
 @pytest.mark.parametrize("content, needle", [

@@ -17,19 +17,19 @@ from comat_core.store.storage import ArtifactStore, sha256_bytes
 
 GOLDEN = {
     "tiny": {
-        "prompts": "ad380373c5e45a06",
-        "gan_gt": "76c4c1869a9b265c",
-        "masks": "e82d6dc26133c46f",
-        "train": "0898a247eb9e7f4b",
-        "evaluate": "ae5c4b3de1637a3a",
+        "prompts": "4e7ca2d6806c2405",
+        "gan_gt": "5c42de4994319203",
+        "masks": "e88270f1c08c22d8",
+        "train": "e92009ec1e681d76",
+        "evaluate": "d5e1900618001835",
     },
     "tiny-sdxl": {
-        "prompts": "c08363a860831ed5",
-        "sdxl_prefinetune": "dc273deb8a75dd29",
-        "gan_gt": "dd8dc85022171a2e",
-        "masks": "f38bbccf125de527",
-        "train": "bfb5ea64479b1b95",
-        "evaluate": "70c0c96239cb2c45",
+        "prompts": "e0643aedc5190f14",
+        "sdxl_prefinetune": "b2dc8971548a50dc",
+        "gan_gt": "c0b470892f437ab8",
+        "masks": "d6d5930a0d0d3c17",
+        "train": "d961a6466df92be0",
+        "evaluate": "f259df0e14381b57",
     },
 }
 

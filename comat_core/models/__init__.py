@@ -1,30 +1,21 @@
-"""Models: the offline tiny zoo (``tiny``) and loaders by Hub id, local folder or ``tiny://<kind>`` (``loader``)."""
+"""Models: the offline tiny zoo (``tiny``) and loaders by Hub id, local folder or ``tiny://<kind>`` (``loader``).
 
-from comat_core.models.loader import (
-    cache_dir,
-    load_captioner,
-    load_clip,
-    load_grounding_dino,
-    load_sam,
-    load_sd_pipeline,
-    load_tokenizer,
-    load_vqa,
-    model_fingerprint,
-    resolve_model,
-)
-from comat_core.models.tiny import TINY_KINDS, build_tiny
+The names below are resolved on first use (PEP 562), so importing a submodule to name or fingerprint
+a model does not import torch, diffusers and transformers.
+"""
 
-__all__ = [
-    "TINY_KINDS",
-    "build_tiny",
-    "cache_dir",
-    "load_captioner",
-    "load_clip",
-    "load_grounding_dino",
-    "load_sam",
-    "load_sd_pipeline",
-    "load_tokenizer",
-    "load_vqa",
-    "model_fingerprint",
-    "resolve_model",
-]
+import importlib
+
+_EXPORTS = {
+    "cache_dir": "loader", "load_captioner": "loader", "load_clip": "loader", "load_grounding_dino": "loader",
+    "load_sam": "loader", "load_sd_pipeline": "loader", "load_tokenizer": "loader", "load_vqa": "loader",
+    "model_fingerprint": "loader", "resolve_model": "loader", "TINY_KINDS": "tiny", "build_tiny": "tiny",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -16,26 +16,31 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
-from typing import Literal, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from comat_core.errors import ConfigError, InputError
-from comat_core.models.tiny import TINY_KINDS, build_tiny, builder_version
-
 TINY_SCHEME = "tiny://"
 WORLD_SCHEME = "world://"
+# The tiny zoo's kinds and builder version, read without importing ``tiny`` (which imports torch);
+# tests/test_hardening.py checks both against ``comat_core.models.tiny``.
+TINY_KINDS = ("sd15", "sdxl", "blip-caption", "blip-vqa", "clip", "grounding-dino", "sam")
 _LOCAL_PREFIXES = ("/", "./", "../", "~")
+# torch is imported where a model is loaded, not here: naming and fingerprinting models (stage keys,
+# ``comat status``, ``comat config``) must answer without it.
 _DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
 }
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -56,6 +61,25 @@ def is_tiny(name: str) -> bool:
 def is_local(name: str) -> bool:
     """A name is a local folder when it looks like a path or names an existing folder."""
     return name.startswith(_LOCAL_PREFIXES) or os.path.isdir(name)
+
+
+def builder_version() -> str:
+    """``comat_core.models.tiny.builder_version()``: a hash of the builder's source and word list."""
+    return _builder_version(Path(__file__).with_name("tiny.py"))
+
+
+@lru_cache(maxsize=1)
+def _builder_version(source: Path) -> str:
+    digest = hashlib.sha256(source.read_bytes())
+    digest.update((Path(__file__).parents[1] / "data" / "tiny_words.txt").read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def build_tiny(kind: str, out_dir: Path, seed: int = 0) -> Path:
+    """``comat_core.models.tiny.build_tiny``, imported when a tiny model is first built (it imports torch)."""
+    from comat_core.models import tiny
+
+    return tiny.build_tiny(kind, out_dir, seed)
 
 
 def _tiny_kind(name: str) -> str:
@@ -175,12 +199,14 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     """Accept a torch dtype or its config spelling ("float32", "fp16", "bf16", ...)."""
+    import torch
+
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
-        return _DTYPES[str(dtype).lower()]
+        return getattr(torch, _DTYPES[str(dtype).lower()])
     except KeyError:
         raise ConfigError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}") from None
 
@@ -257,6 +283,8 @@ def load_sd_pipeline(
 
     def load(source: str):
         return cls.from_pretrained(source, dtype=dtype, use_safetensors=True, **kwargs)
+
+    import torch
 
     pipe = _load(f"{family} pipeline", name, load, field).to(device)
     for component in pipe.components.values():

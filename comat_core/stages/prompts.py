@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +30,16 @@ log = logging.getLogger("comat.prompts")
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # comat_core/data
 BUILTIN = "builtin:"
+# A prompt is a sentence: a longer line is a wrong file (a JSON dump, a book), and every model that
+# reads prompts (entity parser, tokenizers, captioner loss) pays for its length.
+MAX_LINE_CHARS = 2000
 
 
 @dataclass
 class PromptLine:
     text: str
     source: str
+    line: int = 0  # 1-based line number in ``source``, for messages
 
 
 def normalise(text: str) -> str:
@@ -70,26 +75,52 @@ def expand_source(source: str, storage_options: dict | None = None) -> list[str]
         raise InputError(f"prompt source {source!r} has an unknown protocol ({e})") from None
     if not matches:
         raise InputError(f"prompt source {source!r} matches no file; check the path or glob")
+    folders = [m for m in matches if fs.isdir(m)]
+    if folders and len(folders) == len(matches):
+        raise InputError(f"prompt source {source!r} is a folder, not a file; give a file (one prompt per line) "
+                         f"or a glob such as '{source.rstrip('/')}/*.txt'")
+    matches = [m for m in matches if m not in folders]
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return [m if "://" in m or proto in ("file", "local") else f"{proto}://{m}" for m in matches]
 
 
 def read_lines(url: str, storage_options: dict | None = None) -> list[str]:
-    """One prompt per line; a file that is empty or not UTF-8 is an error."""
+    """One prompt per line; see ``numbered_lines``."""
+    return [text for _, text in numbered_lines(url, storage_options)]
+
+
+def numbered_lines(url: str, storage_options: dict | None = None) -> list[tuple[int, str]]:
+    """``(line number, prompt)`` of every non-blank line, whitespace normalised.
+
+    Errors, each naming the file (and line): not found, a folder, not UTF-8, empty, a line longer than
+    ``MAX_LINE_CHARS``, a control character (NUL, escape, ...; tabs and line breaks are whitespace).
+    """
     try:
         with fsspec.open(url, "rb", **(storage_options or {})) as f:
             data = f.read()
     except FileNotFoundError:
         raise InputError(f"prompt file not found: {url}") from None
+    except IsADirectoryError:
+        raise InputError(f"prompt file {url} is a folder; give a file (one prompt per line) or a glob") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"prompt file {url} is not UTF-8 (invalid byte at offset {e.start}); re-save it as UTF-8") from None
-    lines = [normalise(line) for line in text.splitlines()]
-    lines = [line for line in lines if line]
-    if not lines:
+    out = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if len(raw) > MAX_LINE_CHARS:
+            raise InputError(f"prompt file {url} line {number} is {len(raw):,} characters long; a prompt may have "
+                             f"at most {MAX_LINE_CHARS:,} (one prompt per line)")
+        line = normalise(raw)
+        bad = [c for c in line if unicodedata.category(c) == "Cc"]
+        if bad:
+            raise InputError(f"prompt file {url} line {number} contains {len(bad)} control character(s) "
+                             f"(first U+{ord(bad[0]):04X}); remove them")
+        if line:
+            out.append((number, line))
+    if not out:
         raise InputError(f"prompt file {url} is empty")
-    return lines
+    return out
 
 
 def sources_fingerprint(cfg: PromptsConfig, storage_options: dict | None = None) -> dict:
@@ -122,9 +153,9 @@ def collect_prompts(cfg: PromptsConfig, storage_options: dict | None = None) -> 
     per_source: dict[str, int] = {}
     for source in cfg.sources:
         for url in expand_source(source, storage_options):
-            got = read_lines(url, storage_options)
+            got = numbered_lines(url, storage_options)
             per_source[_display(url)] = len(got)
-            lines.extend(PromptLine(t, _display(url)) for t in got)
+            lines.extend(PromptLine(t, _display(url), n) for n, t in got)
     excluded: set[str] = set()
     for source in cfg.exclude:
         for url in expand_source(source, storage_options):
@@ -175,15 +206,17 @@ def run(ctx) -> dict:
     lengths = token_lengths(tokenizer, [p.text for p in prompts])
     long_ids = [i for i, n in enumerate(lengths) if n > pcfg.max_tokens]
     if long_ids:
-        example = prompts[long_ids[0]].text[:60]
-        if pcfg.long_prompts == "truncate":
-            for i in long_ids:
-                prompts[i].text = truncate_to_tokens(tokenizer, prompts[i].text, pcfg.max_tokens)
-                lengths[i] = pcfg.max_tokens
-            log.warning("%d prompts exceed %d tokens and were truncated (e.g. %r…)", len(long_ids), pcfg.max_tokens, example)
-        else:
-            log.warning("%d prompts exceed %d tokens; kept, the text encoder sees their first %d tokens (e.g. %r…)",
-                        len(long_ids), pcfg.max_tokens, pcfg.max_tokens, example)
+        first = prompts[long_ids[0]]
+        if pcfg.long_prompts == "error":
+            raise InputError(f"prompt file {first.source} line {first.line} has {lengths[long_ids[0]]} tokens, more "
+                             f"than the text encoder's {pcfg.max_tokens} ({len(long_ids)} such prompt(s)); shorten "
+                             "them or set prompts.long_prompts=truncate")
+        # cut here, once, so the text encoder, the captioner loss and the entity spans all see the same text
+        for i in long_ids:
+            prompts[i].text = truncate_to_tokens(tokenizer, prompts[i].text, pcfg.max_tokens)
+            lengths[i] = pcfg.max_tokens
+        log.warning("%d prompts exceed %d tokens and were truncated (first: %s line %d, %r…)", len(long_ids),
+                    pcfg.max_tokens, first.source, first.line, first.text[:60])
     rows = []
     with_entities = 0
     for i, (p, n) in enumerate(zip(prompts, lengths)):

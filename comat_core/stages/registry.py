@@ -231,7 +231,8 @@ def compute_key(cfg: ComatConfig, store: ArtifactStore, stage: str) -> str:
 def run_stage(cfg: ComatConfig, store: ArtifactStore, stage: str, *, force: bool = False,
               progress: ProgressFn | None = None, hooks: dict | None = None,
               shard_part: ShardPart | None = None) -> StageResult:
-    """Run one stage unless its output is already complete. ``force`` wipes and recomputes it.
+    """Run one stage unless its output is already complete. ``force`` recomputes it: inputs are
+    verified first and the old output is kept aside until the new one is committed (``_force_aside``).
 
     ``shard_part`` (sharded stages, fan-out): compute only that part's shards and return a
     ``partial`` result without committing the manifest; a later call without it commits.
@@ -256,14 +257,15 @@ def run_stage(cfg: ComatConfig, store: ArtifactStore, stage: str, *, force: bool
         if not compute:
             log.info("%s: cache hit %s (computed by another run meanwhile)", stage, store.stage_url(stage, key))
             return StageResult(stage, key, store.stage_url(stage, key), True, store.read_manifest(stage, key))
-        if force:
-            store.remove_tree(store.path(stage, key))
-        return _compute(cfg, store, spec, stage, key, progress, hooks, shard_part)
+        aside = _force_aside(cfg, store, stage, key) if force else None
+        return _compute(cfg, store, spec, stage, key, progress, hooks, shard_part, aside)
 
 
 def _compute(cfg: ComatConfig, store: ArtifactStore, spec: Stage, stage: str, key: str, progress, hooks,
-             shard_part: ShardPart | None) -> StageResult:
-    """Run the stage function under its lease, then commit its manifest (unless it is a fan-out part)."""
+             shard_part: ShardPart | None, aside: str | None = None) -> StageResult:
+    """Run the stage function under its lease, then commit its manifest (unless it is a fan-out part).
+
+    ``aside``: the old output of a forced stage, put back if this fails, removed once the new one is committed."""
     inputs = {n: store.reader(n, compute_key(cfg, store, n)) for n in stage_inputs(cfg, stage)}
     writer = store.writer(stage, key)
     ctx = StageContext(with_world_models(cfg, inputs), store, stage, key, writer, inputs,
@@ -273,6 +275,11 @@ def _compute(cfg: ComatConfig, store: ArtifactStore, spec: Stage, stage: str, ke
     t0 = time.time()
     try:
         summary = spec.run_fn()(ctx) or {}
+    except BaseException:
+        if aside is not None:
+            store.restore(aside, store.path(stage, key))
+            log.warning("%s: forced recompute failed; the previous output is back at %s", stage, writer.url)
+        raise
     finally:
         if ctx.workdir is not None:
             shutil.rmtree(ctx.workdir, ignore_errors=True)
@@ -287,6 +294,9 @@ def _compute(cfg: ComatConfig, store: ArtifactStore, spec: Stage, stage: str, ke
         summary=summary,
         code_version=spec.code_version,
     )
+    for name in store.listdir(store.path(stage)):  # the new output is committed: now the old one may go
+        if name.startswith(f".{key}.replaced-"):  # (also one left by a forced run that was killed)
+            store.remove_tree(store.path(stage, name))
     return StageResult(stage, key, writer.url, False, manifest)
 
 
@@ -299,17 +309,40 @@ def with_world_models(cfg: ComatConfig, inputs: dict[str, StageReader]) -> Comat
     return resolve_world_models(cfg, inputs["world"])
 
 
+def verify_inputs(cfg: ComatConfig, store: ArtifactStore, stage: str) -> None:
+    """Hash every file of the stage's inputs against their manifests (IntegrityError naming the first bad one)."""
+    for name in stage_inputs(cfg, stage):
+        store.reader(name, compute_key(cfg, store, name)).verify()
+
+
+def _force_aside(cfg: ComatConfig, store: ArtifactStore, stage: str, key: str) -> str | None:
+    """``force``: verify every input file first (a corrupt input fails here, before the old output is
+    touched), then move the old output aside (restored if the recompute fails, removed after the
+    commit). On stores where a rename copies every file (S3, GCS) the old output is removed instead."""
+    verify_inputs(cfg, store, stage)
+    path = store.path(stage, key)
+    if store.renames_cheaply:
+        return store.set_aside(path)
+    store.remove_tree(path)
+    return None
+
+
 @dataclass
 class StageStatus:
     stage: str
     key: str | None
-    state: str  # complete | partial | missing | waiting
+    state: str  # complete | partial | missing | waiting | corrupt (``verify`` only)
     shards: int = 0
     detail: str = ""
 
 
-def status(cfg: ComatConfig, store: ArtifactStore) -> list[StageStatus]:
-    """Each stage's key and state under this config (for ``comat status``)."""
+def status(cfg: ComatConfig, store: ArtifactStore, verify: bool = False) -> list[StageStatus]:
+    """Each stage's key and state under this config (for ``comat status``).
+
+    Without ``verify`` a stage is complete when its manifest is there (cheap: the manifest is written
+    last). With ``verify`` every file of a complete stage, and of each committed shard of a partial
+    one, is read and hashed against its manifest; a mismatch makes the stage ``corrupt`` and names
+    the files."""
     out = []
     for stage in cfg.stage_order():
         try:
@@ -318,10 +351,20 @@ def status(cfg: ComatConfig, store: ArtifactStore) -> list[StageStatus]:
             out.append(StageStatus(stage, None, "waiting", detail=str(e)))
             continue
         manifest = store.read_manifest(stage, key)
+        url = store.stage_url(stage, key)
         if manifest is not None:
-            out.append(StageStatus(stage, key, "complete", detail=store.stage_url(stage, key)))
+            bad = StageReader(store, stage, key, manifest).problems() if verify else []
+            if bad:
+                out.append(StageStatus(stage, key, "corrupt", detail=f"{url}: {len(bad)} file(s) fail: "
+                                       f"{', '.join(bad[:3])}{' …' if len(bad) > 3 else ''}; "
+                                       f"recompute with comat run --force {stage}"))
+            else:
+                out.append(StageStatus(stage, key, "complete", detail=url + (" (verified)" if verify else "")))
             continue
-        shards = store.writer(stage, key).committed_shards()
+        writer = store.writer(stage, key)
+        shards = writer.committed_shards()
+        if verify:
+            shards = [n for n in shards if writer.shard_problem(n) is None]  # a bad shard is redone on the next run
         state = "partial" if shards or store.exists(store.path(stage, key)) else "missing"
-        out.append(StageStatus(stage, key, state, len(shards), store.stage_url(stage, key)))
+        out.append(StageStatus(stage, key, state, len(shards), url))
     return out

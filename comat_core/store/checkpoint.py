@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 
 from comat_core.store.storage import StageWriter
+
+log = logging.getLogger("comat.checkpoint")
 
 CHECKPOINT_DIR = "checkpoints"
 SHARD_PREFIX = "checkpoint-step-"
@@ -147,14 +150,21 @@ def load_latest_checkpoint(writer: StageWriter, cleanup: bool = True) -> tuple[C
     """The newest checkpoint whose files match its manifest, as ``(ref, {file name: bytes})``.
 
     Every complete checkpoint's files are registered with the writer (``shard_done``), so the
-    stage manifest lists the checkpoints kept from before a restart; corrupted ones are skipped.
+    stage manifest lists the checkpoints kept from before a restart; corrupted ones are skipped, with
+    a warning naming the step and the file that does not match.
     With ``cleanup`` (the main process), checkpoint folders without a shard manifest (a crash
     while saving) are deleted.
     """
     refs = committed_checkpoints(writer)
     if cleanup:
         _remove_incomplete(writer, {r.folder for r in refs})
-    valid = [r for r in refs if writer.shard_done(r.shard, verify=True)]
+    valid = []
+    for ref in refs:
+        problem = writer.shard_problem(ref.shard, verify=True)
+        if problem is None:
+            valid.append(ref)
+        else:
+            log.warning("checkpoint step %d skipped on resume: %s (%s)", ref.step, problem, writer.path(ref.folder))
     if not valid:
         return None
     ref = valid[-1]

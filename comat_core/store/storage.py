@@ -21,17 +21,31 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import platform
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
 import fsspec
 
 from comat_core.errors import IntegrityError, StorageError
+
+log = logging.getLogger("comat.storage")
+
+DEFAULT_TIMEOUT = 300.0  # seconds; storage.timeout
+_CLIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "gcsfs", "google")
+
+
+@lru_cache(maxsize=1)
+def _storage_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=8, thread_name_prefix="comat-storage")
 
 MANIFEST = "_manifest.json"
 SHARD_DIR = "_shards"
@@ -82,7 +96,9 @@ def software_versions() -> dict[str, str]:
 class ArtifactStore:
     """An fsspec filesystem rooted at one URL, with the stage layout and atomic writes."""
 
-    def __init__(self, root: str, storage_options: dict | None = None):
+    def __init__(self, root: str, storage_options: dict | None = None, timeout: float | None = None):
+        # seconds one remote operation may take (storage.timeout); None: DEFAULT_TIMEOUT, 0: unbounded
+        self.timeout = DEFAULT_TIMEOUT if timeout is None else timeout
         self.root_url = str(root).rstrip("/")
         options = dict(storage_options or {})
         try:
@@ -111,10 +127,18 @@ class ArtifactStore:
         return self.url(stage, key)
 
     # ---------------------------------------------------------------- checks
-    def check_reachable(self) -> None:
-        """Fail early, with one line, if the root cannot be listed or created."""
+    def check_reachable(self, write: bool = True) -> None:
+        """Fail early, with one line, if the root cannot be listed or created.
+
+        ``write=False`` (``comat status``): only read; a local root that does not exist yet is fine
+        (it holds nothing), and nothing is created, so status works on a full or read-only disk."""
         try:
-            if self.is_local:
+            if self.is_local and not write:
+                if os.path.exists(self.root) and not os.path.isdir(self.root):
+                    raise NotADirectoryError(f"{self.root} is a file")
+                if os.path.isdir(self.root):
+                    os.listdir(self.root)
+            elif self.is_local:
                 os.makedirs(self.root, exist_ok=True)
                 probe = self.path(f".probe-{uuid.uuid4().hex}")
                 with open(probe, "wb") as f:
@@ -138,7 +162,7 @@ class ArtifactStore:
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
             else:
-                self.fs.pipe_file(path, data)
+                self._remote("write", path, self.fs.pipe_file, path, data)
         except OSError as e:
             raise StorageError(f"cannot write {path}: {_one_line(e)}") from None
 
@@ -153,13 +177,13 @@ class ArtifactStore:
                 shutil.copyfile(local_path, tmp)
                 os.replace(tmp, path)
             else:
-                self.fs.put_file(local_path, path)
+                self._remote("upload", path, self.fs.put_file, local_path, path)
         except OSError as e:
             raise StorageError(f"cannot write {path}: {_one_line(e)}") from None
 
     def read_bytes(self, path: str) -> bytes:
         try:
-            return self.fs.cat_file(path)
+            return self.fs.cat_file(path) if self.is_local else self._remote("read", path, self.fs.cat_file, path)
         except FileNotFoundError:
             raise
         except OSError as e:
@@ -167,38 +191,133 @@ class ArtifactStore:
 
     def exists(self, path: str) -> bool:
         try:
-            return self.fs.exists(path)
+            return self.fs.exists(path) if self.is_local else self._remote("check", path, self.fs.exists, path)
         except OSError as e:
             raise StorageError(f"cannot reach {path}: {_one_line(e)}") from None
 
     def remove_tree(self, path: str) -> None:
         if self.exists(path):
-            self.fs.rm(path, recursive=True)
+            if self.is_local:
+                self.fs.rm(path, recursive=True)
+            else:
+                self._remote("delete", path, self.fs.rm, path, recursive=True)
+        self.fs.invalidate_cache()
+
+    def _remote(self, what: str, path: str, fn, *args, **kwargs):
+        """Run one remote operation, bounded by ``self.timeout``, with the backend's errors made ours.
+
+        A slow operation is logged while it waits (every quarter of the timeout) and fails with a
+        ``StorageError`` at the timeout; connection errors of the object-store clients (botocore,
+        aiohttp, ...) become ``StorageError`` too. Both are transient: the stage task retries them.
+        The worker thread of an abandoned call is left to finish or fail on its own (it cannot be
+        killed); writes are whole-object PUTs, so a late one still writes a complete file."""
+        url = self.url_of(path)
+        try:
+            if not self.timeout:
+                return fn(*args, **kwargs)
+            future = _storage_pool().submit(fn, *args, **kwargs)
+            start = time.monotonic()
+            while True:
+                left = self.timeout - (time.monotonic() - start)
+                try:
+                    return future.result(timeout=max(0.01, min(left, max(self.timeout / 4, 1.0))))
+                except FutureTimeout:
+                    waited = time.monotonic() - start
+                    if waited >= self.timeout:
+                        raise StorageError(f"storage {what} of {url} did not finish in {self.timeout:g} s "
+                                           "(storage.timeout); is the endpoint up?") from None
+                    log.warning("storage: %s of %s still waiting after %.0f s (gives up at %g s, storage.timeout)",
+                                what, url, waited, self.timeout)
+        except (OSError, StorageError):
+            raise
+        except Exception as e:  # noqa: BLE001 - only client/connection errors are translated
+            if type(e).__module__.split(".")[0] in _CLIENT_MODULES:
+                raise StorageError(f"cannot {what} {url}: {_one_line(e)}") from None
+            raise
+
+    @property
+    def renames_cheaply(self) -> bool:
+        """A folder rename is one metadata operation here (local disk, memory), not a copy of every file."""
+        proto = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return self.is_local or proto == "memory"
+
+    def set_aside(self, path: str) -> str | None:
+        """Rename the folder ``path`` to a hidden sibling and return its new path (None: nothing there).
+
+        Used by ``--force``: the old output stays whole until the new one is committed, and comes back
+        if the recompute fails. Only where renames are cheap; elsewhere the caller removes the folder."""
+        if not self.exists(path):
+            return None
+        parent, name = path.rsplit("/", 1)
+        aside = f"{parent}/.{name}.replaced-{uuid.uuid4().hex[:8]}"
+        if self.is_local:
+            os.rename(path, aside)
+        else:
+            self.fs.mv(path, aside, recursive=True)
+        self.fs.invalidate_cache()
+        return aside
+
+    def restore(self, aside: str, path: str) -> None:
+        """Undo ``set_aside``: drop whatever is at ``path`` now and move ``aside`` back."""
+        self.remove_tree(path)
+        if self.is_local:
+            os.rename(aside, path)
+        else:
+            self.fs.mv(aside, path, recursive=True)
         self.fs.invalidate_cache()
 
     def listdir(self, path: str) -> list[str]:
         try:
             self.fs.invalidate_cache(path)
-            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+            names = self.fs.ls(path, detail=False) if self.is_local else self._remote(
+                "list", path, self.fs.ls, path, detail=False)
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in names)
         except FileNotFoundError:
             return []
+        except OSError as e:
+            raise StorageError(f"cannot list {self.url_of(path)}: {_one_line(e)}") from None
 
     # ---------------------------------------------------------------- manifests
     def manifest_path(self, stage: str, key: str) -> str:
         return self.path(stage, key, MANIFEST)
 
     def read_manifest(self, stage: str, key: str) -> dict | None:
-        """The stage's manifest, or None when the stage is incomplete or absent."""
-        try:
-            self.fs.invalidate_cache(self.path(stage, key))
-            return json.loads(self.read_bytes(self.manifest_path(stage, key)))
-        except FileNotFoundError:
-            return None
+        """The stage's manifest, or None when the stage is incomplete or absent (or its manifest unreadable)."""
+        self.fs.invalidate_cache(self.path(stage, key))
+        data = self.read_json_manifest(self.manifest_path(stage, key), "stage")
+        return None if data is None else data[1]
 
     def content_digest(self, stage: str, key: str, records: Iterable[str] = ()) -> str | None:
         """The complete stage's ``content_digest`` (None when it has no manifest)."""
         manifest = self.read_manifest(stage, key)
         return None if manifest is None else content_digest(manifest.get("files", {}), records)
+
+    def read_json_manifest(self, path: str, what: str) -> tuple[bytes, dict] | None:
+        """``(bytes, parsed)`` of a stage or shard manifest; None when it is absent or cannot be read.
+
+        A manifest that is not a JSON object (a torn write by another tool, a disk error, a hand edit),
+        or whose ``files`` is not a table, makes its stage or shard incomplete: logged with the file's name, then
+        recomputed, never a crash and never counted as done."""
+        try:
+            raw = self.read_bytes(path)
+        except FileNotFoundError:
+            return None
+        try:
+            parsed = json.loads(raw)
+            if not isinstance(parsed, dict) or not isinstance(parsed.get("files", {}), dict):
+                raise ValueError("not a JSON object with a files table")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            log.warning("%s manifest %s cannot be read (%s); treating it as incomplete, it will be recomputed",
+                        what, self.url_of(path), _one_line(e))
+            return None
+        return raw, parsed
+
+    def url_of(self, path: str) -> str:
+        """The URL of a path under this store (a local path as is)."""
+        if self.is_local:
+            return path
+        proto = self.fs.protocol[0] if isinstance(self.fs.protocol, (tuple, list)) else self.fs.protocol
+        return f"{proto}://{path}"
 
     def is_complete(self, stage: str, key: str) -> bool:
         return self.read_manifest(stage, key) is not None
@@ -301,21 +420,26 @@ class StageWriter:
 
         A shard whose files were corrupted is reported as not done, so it is regenerated.
         """
-        try:
-            manifest = json.loads(self.store.read_bytes(self.shard_manifest_path(name)))
-        except FileNotFoundError:
-            return False
-        entries = {rel: FileEntry(**e) for rel, e in manifest["files"].items()}
+        return self.shard_problem(name, verify) is None
+
+    def shard_problem(self, name: str, verify: bool = True) -> str | None:
+        """None when the shard is done (its files are then registered with this writer), else why not."""
+        data = self.store.read_json_manifest(self.shard_manifest_path(name), "shard")
+        if data is None:
+            return "no readable shard manifest"
+        if "files" not in data[1]:
+            return "its shard manifest lists no files"
+        entries = {rel: FileEntry(**e) for rel, e in data[1]["files"].items()}
         if verify:
             for rel, entry in entries.items():
                 try:
-                    data = self.store.read_bytes(self.path(rel))
+                    content = self.store.read_bytes(self.path(rel))
                 except FileNotFoundError:
-                    return False
-                if len(data) != entry.size or sha256_bytes(data) != entry.sha256:
-                    return False
+                    return f"{rel} is missing"
+                if len(content) != entry.size or sha256_bytes(content) != entry.sha256:
+                    return f"{rel} does not match its manifest (size or sha256)"
         self.files.update(entries)
-        return True
+        return None
 
     def commit_shard(self, name: str, files: Iterable[str], meta: dict | None = None) -> None:
         """Write the shard's manifest after its files: from now on the shard counts as done."""
@@ -335,7 +459,9 @@ class StageWriter:
         return json.loads(self.store.read_bytes(self.shard_manifest_path(name)))
 
     def committed_shards(self) -> list[str]:
-        return [n[:-5] for n in self.store.listdir(self.path(SHARD_DIR)) if n.endswith(".json")]
+        """Shards whose manifest exists and can be read (an unreadable one is logged and left out)."""
+        names = [n[:-5] for n in self.store.listdir(self.path(SHARD_DIR)) if n.endswith(".json")]
+        return [n for n in names if self.store.read_json_manifest(self.shard_manifest_path(n), "shard") is not None]
 
     # ---------------------------------------------------------------- commit
     def commit(self, *, config: dict, inputs: dict[str, dict], summary: dict | None = None,
@@ -385,16 +511,28 @@ class StageReader:
         try:
             data = self.store.read_bytes(self.store.path(self.stage, self.key, rel))
         except FileNotFoundError:
-            raise IntegrityError(f"{self.url}: {rel} is listed in the manifest but missing; rerun the stage") from None
+            raise IntegrityError(f"{self.url}: {rel} is listed in the manifest but missing; recompute it with "
+                                 f"comat run --force {self.stage}") from None
         entry = self.files[rel]
         if verify and (len(data) != entry["size"] or sha256_bytes(data) != entry["sha256"]):
-            raise IntegrityError(f"{self.url}: {rel} does not match its manifest (sha256); rerun the stage with --force")
+            raise IntegrityError(f"{self.url}: {rel} does not match its manifest (sha256); recompute it with "
+                                 f"comat run --force {self.stage}")
         return data
 
     def verify(self) -> None:
         """Check every file against the manifest (raises IntegrityError)."""
         for rel in self.files:
             self.read_bytes(rel, verify=True)
+
+    def problems(self) -> list[str]:
+        """Every file that is missing or does not match the manifest (size or sha256), with why."""
+        out = []
+        for rel in sorted(self.files):
+            try:
+                self.read_bytes(rel, verify=True)
+            except IntegrityError as e:
+                out.append(f"{rel} ({'missing' if 'missing' in str(e) else 'sha256 mismatch'})")
+        return out
 
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))

@@ -239,11 +239,12 @@ def model_records(ctx) -> dict:
            for role in ("pretrained", "vqa", "clip", "grounding_dino", "captioner")}
     if m.vae:
         out["vae"] = {"name": m.vae, "fingerprint": model_fingerprint(m.vae)}
-    for stage, role in (("train", "lora"), ("sdxl_prefinetune", "prefinetune_unet")):
+    for stage, role, folder in (("train", "lora", "lora/"), ("sdxl_prefinetune", "prefinetune_unet", "unet/")):
         reader = ctx.inputs.get(stage)
         if reader is not None:
             digest = input_digest(ctx.store, stage, reader.key)
-            out[role] = {"name": f"{reader.url}", "fingerprint": f"{stage}:{reader.key}:{digest[:16]}"}
+            # the path inside the store, not an absolute URL: the report compares equal across stores and reruns
+            out[role] = {"name": f"{stage}/{reader.key}/{folder}", "fingerprint": f"{stage}:{reader.key}:{digest[:16]}"}
     return out
 
 

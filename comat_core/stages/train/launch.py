@@ -150,7 +150,7 @@ def join(config_request: dict) -> None:
     if cfg.train.machine_rank == 0:
         raise ConfigError("machine 0 runs the train stage itself (comat run --stages train, or the comat-train "
                           "deployment); join is for train.machine_rank >= 1")
-    key = compute_key(cfg, ArtifactStore(cfg.storage.root, cfg.storage.options), STAGE)
+    key = compute_key(cfg, ArtifactStore(cfg.storage.root, cfg.storage.options, cfg.storage.timeout), STAGE)
     with tempfile.TemporaryDirectory(prefix="comat-train-join-") as tmp:
         run_command(launch_command(cfg, write_request(cfg, key, Path(tmp))))
 
@@ -167,7 +167,7 @@ def train_from_request(request: dict) -> dict:
     from comat_core.stages.train.inputs import train_in_process
 
     cfg = build_config(request["config"])
-    store = ArtifactStore(cfg.storage.root, cfg.storage.options)
+    store = ArtifactStore(cfg.storage.root, cfg.storage.options, cfg.storage.timeout)
     key = compute_key(cfg, store, STAGE)
     if key != request["key"]:
         raise ConfigError(f"this process computes train key {key}, the launching stage {request['key']}: "
