@@ -47,7 +47,7 @@ class WorldConfig(BaseModel):
     threads: int = Field(1, ge=1, description="torch threads while training (part of what makes weights reproducible)")
     # VAE (trained first, on renders of every pair)
     vae_images: int = Field(4000, ge=16)
-    vae_steps: int = Field(300, ge=1)
+    vae_steps: int = Field(1200, ge=1)
     vae_batch: int = Field(16, ge=1)
     vae_lr: float = Field(2e-3, gt=0)
     # UNet + text encoder (latent diffusion on the base model's skewed captions)
@@ -116,17 +116,31 @@ def build_world(config: WorldConfig, out_dir: Path, progress: Progress = _quiet)
 
 
 def _build(config: WorldConfig, out_dir: Path, progress: Progress) -> tuple[dict, dict]:
-    seed, times, metrics = config.seed, {}, {}
+    times, metrics = {}, {}
     clock = time.time()
-
-    # 1. VAE on renders of every pair
-    vae_data = captioner_dataset(config.vae_images, seed + 100)
-    vae = base_model.build_vae(seed + 101)
-    metrics.update(base_model.train_vae(vae, vae_data.images, steps=config.vae_steps, batch_size=config.vae_batch,
-                                        lr=config.vae_lr, seed=seed + 102, progress=progress))
+    vae = train_vae_part(config, metrics, progress)
     times["vae"], clock = time.time() - clock, time.time()
+    train_base_part(config, vae, out_dir / "base", metrics, progress)
+    times["base"], clock = time.time() - clock, time.time()
+    train_captioner_part(config, out_dir / "captioner", metrics, progress)
+    times["captioner"], clock = time.time() - clock, time.time()
+    metrics["base"] = measure_base(out_dir / "base", config, progress)
+    times["measure"] = time.time() - clock
+    return metrics, times
 
-    # 2. latent diffusion on the base model's skewed captions
+
+def train_vae_part(config: WorldConfig, metrics: dict, progress: Progress = _quiet):
+    """Part 1: the VAE, on renders of every pair (seeds ``seed``)."""
+    data = captioner_dataset(config.vae_images, config.seed)
+    vae = base_model.build_vae(config.seed)
+    metrics.update(base_model.train_vae(vae, data.images, steps=config.vae_steps, batch_size=config.vae_batch,
+                                        lr=config.vae_lr, seed=config.seed, progress=progress))
+    return vae
+
+
+def train_base_part(config: WorldConfig, vae, out_dir: Path, metrics: dict, progress: Progress = _quiet) -> Path:
+    """Part 2: latent diffusion on the base model's skewed captions (seeds ``seed + 200..203``); saves the pipeline."""
+    seed = config.seed
     data = base_dataset(config.base_images, seed + 200)
     latents = base_model.encode(vae, data.images)
     scale = float(1.0 / latents.std())
@@ -139,23 +153,19 @@ def _build(config: WorldConfig, out_dir: Path, progress: Progress) -> tuple[dict
         batch_size=config.unet_batch, lr=config.unet_lr, seed=seed + 203, ema_decay=config.ema_decay,
         progress=progress)
     metrics.update(unet_metrics, vae_scaling_factor=scale)
-    base_model.save_pipeline(out_dir / "base", vae, text_encoder, tokenizer, unet)
-    times["base"], clock = time.time() - clock, time.time()
+    return base_model.save_pipeline(out_dir, vae, text_encoder, tokenizer, unet)
 
-    # 3. captioner, uniform over every pair
-    cap_data = captioner_dataset(config.captioner_images, seed + 300)
+
+def train_captioner_part(config: WorldConfig, out_dir: Path, metrics: dict, progress: Progress = _quiet) -> Path:
+    """Part 3: the captioner, uniform over every pair (seeds ``seed + 300..302``); saves it and its binding."""
+    seed = config.seed
+    data = captioner_dataset(config.captioner_images, seed + 300)
     model, processor = captioner.build_captioner(seed + 301, config.captioner_hidden, config.captioner_layers)
-    metrics.update(captioner.train_captioner(model, processor, cap_data.images, cap_data.captions,
+    metrics.update(captioner.train_captioner(model, processor, data.images, data.captions,
                                              steps=config.captioner_steps, batch_size=config.captioner_batch,
                                              lr=config.captioner_lr, seed=seed + 302, progress=progress))
     metrics["captioner_binding"] = captioner.binding_accuracy(model, processor, n=config.captioner_probe)
-    captioner.save_captioner(out_dir / "captioner", model, processor)
-    times["captioner"], clock = time.time() - clock, time.time()
-
-    # 4. measure the base model with the judge
-    metrics["base"] = measure_base(out_dir / "base", config, progress)
-    times["measure"] = time.time() - clock
-    return metrics, times
+    return captioner.save_captioner(out_dir, model, processor)
 
 
 def load_base(path: Path):
@@ -216,3 +226,25 @@ def measure_base(path: Path, config: WorldConfig, progress: Progress = _quiet) -
         result[name] = judge_prompts(images, expanded)
         progress("measure", 1, 1, {name: result[name]["all"]})
     return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m comat_core.worlds.shapes.build OUT_DIR [--smoke] [--seed N]``: build a world by hand."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m comat_core.worlds.shapes.build", description=main.__doc__)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--smoke", action="store_true", help="the CI-sized build (about a minute)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    config = WorldConfig.smoke(seed=args.seed) if args.smoke else WorldConfig(seed=args.seed)
+
+    def show(phase: str, step: int, total: int, info: dict) -> None:
+        print(f"{phase} {step}/{total} {info}", flush=True)
+
+    world = build_world(config, args.out_dir, show)
+    print(json.dumps({"metrics": world["metrics"], "seconds": world["seconds"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
