@@ -165,3 +165,20 @@ def test_smoke_world_build_is_deterministic_and_loadable(tmp_path):
     assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.vae_scale_factor == 8
     model, processor = load_captioner(str(tmp_path / "a" / "captioner"))
     assert type(model).__name__ == "BlipForConditionalGeneration"
+
+
+def test_shipped_world_draws_shapes_and_its_captioner_binds():
+    """The pretrained world in the package: the base model draws clean single shapes, the captioner binds."""
+    import json
+
+    from comat_core.models.loader import load_captioner
+    from comat_core.worlds.shapes import PRETRAINED, captioner
+    from comat_core.worlds.shapes.build import generate, load_base
+
+    world = json.loads((PRETRAINED / "world.json").read_text())
+    assert world["metrics"]["captioner_binding"] >= 0.95
+    prompts = [f"a {c} {s}" for c, s in PAIRS if world["pair_kinds"][f"{c} {s}"] == "seen"][:6]
+    images = generate(load_base(PRETRAINED / "base"), prompts, list(range(len(prompts))), steps=25, guidance=7.5)
+    assert np.mean([judge.score(im, p).validity for im, p in zip(images, prompts)]) >= 0.9
+    model, processor = load_captioner(str(PRETRAINED / "captioner"))
+    assert captioner.binding_accuracy(model, processor, n=60) >= 0.9
