@@ -11,6 +11,9 @@ Each part is seeded on its own (``seed`` + a fixed offset per part) and trained 
 torch build. The VAE is a generic image codec and is trained on renders of every pair; the
 text-conditional UNet and text encoder see only the base model's skewed captions (``splits``).
 
+``python -m comat_core.worlds.shapes.build OUT_DIR`` also writes ``base_grid.png`` (``base_grid``):
+base images labelled with the judge's verdicts.
+
 ``WorldConfig`` holds every size, step count and seed; ``WorldConfig.smoke()`` is a build of about a
 minute for CI (it checks that everything runs, not how good the models are).
 """
@@ -233,6 +236,31 @@ def measure_base(path: Path, config: WorldConfig, progress: Progress = _quiet) -
     return result
 
 
+def labelled_grid(images: np.ndarray, prompts: list[str], columns: int = 8, cell: int = 192):
+    """A PIL grid of images, each labelled with its prompt and the judge's verdict (green: bound)."""
+    from PIL import Image, ImageDraw
+
+    rows = -(-len(images) // columns)
+    canvas = Image.new("RGB", (columns * cell, rows * (cell + 44)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, (image, prompt) in enumerate(zip(images, prompts)):
+        verdict = judge.score(image, prompt)
+        x, y = (k % columns) * cell, (k // columns) * (cell + 44)
+        canvas.paste(Image.fromarray(image).resize((cell, cell), Image.NEAREST), (x, y))
+        draw.text((x + 2, y + cell + 2), prompt.replace(" and ", " &\n"), fill="black")
+        draw.text((x + 2, y + cell + 26), verdict.summary()[:34], fill="green" if verdict.binding else "red")
+    return canvas
+
+
+def base_grid(base_dir: Path, config: WorldConfig, n: int = 8):
+    """The first ``n`` single-object and held-out two-object prompts, one image each (seed 10000), labelled."""
+    split = prompt_split(config.seed, config.n_eval_prompts)
+    prompts = list(split.eval_single[:n]) + list(split.eval_two[:n])
+    images = generate(load_base(base_dir), prompts, [10_000] * len(prompts), config.probe_steps,
+                      config.probe_guidance)
+    return labelled_grid(images, prompts, columns=n)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m comat_core.worlds.shapes.build OUT_DIR [--smoke] [--seed N]``: build a world by hand."""
     import argparse
@@ -248,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{phase} {step}/{total} {info}", flush=True)
 
     world = build_world(config, args.out_dir, show)
+    base_grid(args.out_dir / "base", config).save(args.out_dir / "base_grid.png")
     print(json.dumps({"metrics": world["metrics"], "seconds": world["seconds"]}, indent=1))
 
 
