@@ -11,6 +11,9 @@ Each part is seeded on its own (``seed`` + a fixed offset per part) and trained 
 torch build. The VAE is a generic image codec and is trained on renders of every pair; the
 text-conditional UNet and text encoder see only the base model's skewed captions (``splits``).
 
+``python -m comat_core.worlds.shapes.build OUT_DIR`` also writes ``base_grid.png`` (``base_grid``):
+base images labelled with the judge's verdicts.
+
 ``WorldConfig`` holds every size, step count and seed; ``WorldConfig.smoke()`` is a build of about a
 minute for CI (it checks that everything runs, not how good the models are).
 """
@@ -39,7 +42,7 @@ Progress = Callable[[str, int, int, dict], None]
 
 
 class WorldConfig(BaseModel):
-    """Sizes, steps and seeds of a world build (defaults: the full build, about 40 min on 2 shared cores)."""
+    """Sizes, steps and seeds of a world build (defaults: the full build, about 50 min on 2 shared cores)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -47,26 +50,26 @@ class WorldConfig(BaseModel):
     threads: int = Field(1, ge=1, description="torch threads while training (part of what makes weights reproducible)")
     # VAE (trained first, on renders of every pair)
     vae_images: int = Field(4000, ge=16)
-    vae_steps: int = Field(300, ge=1)
+    vae_steps: int = Field(1200, ge=1)
     vae_batch: int = Field(16, ge=1)
     vae_lr: float = Field(2e-3, gt=0)
     # UNet + text encoder (latent diffusion on the base model's skewed captions)
     base_images: int = Field(8000, ge=16)
-    unet_steps: int = Field(1000, ge=1)
+    unet_steps: int = Field(2400, ge=1)
     unet_batch: int = Field(64, ge=1)
     unet_lr: float = Field(1e-3, gt=0)
     unet_widths: tuple[int, int] = (32, 64)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     # captioner (uniform over all pairs)
     captioner_images: int = Field(8000, ge=16)
-    captioner_steps: int = Field(1000, ge=1)
+    captioner_steps: int = Field(3000, ge=1)
     captioner_batch: int = Field(32, ge=1)
     captioner_lr: float = Field(1e-3, gt=0)
-    captioner_hidden: int = Field(32, ge=8)
+    captioner_hidden: int = Field(64, ge=8)
     captioner_layers: int = Field(2, ge=1)
     # prompts and measurement
     n_eval_prompts: int = Field(64, ge=1, description="held-out two-object evaluation prompts")
-    probe_seeds: int = Field(2, ge=1, description="images per prompt when measuring the base model")
+    probe_seeds: int = Field(4, ge=1, description="images per prompt when measuring the base model")
     probe_steps: int = Field(25, ge=1, description="sampling steps when measuring the base model")
     probe_guidance: float = Field(7.5, ge=0)
     captioner_probe: int = Field(400, ge=10, description="two-object renders for the captioner's binding")
@@ -95,8 +98,15 @@ def build_world(config: WorldConfig, out_dir: Path, progress: Progress = _quiet)
             metrics, times = _build(config, out_dir, progress)
     finally:
         torch.set_num_threads(threads)
+    world = world_record(config, metrics, times)
+    (out_dir / "world.json").write_text(json.dumps(world, indent=1) + "\n")
+    return world
+
+
+def world_record(config: WorldConfig, metrics: dict, times: dict) -> dict:
+    """What ``world.json`` holds: the world's definition, its config, and what was measured."""
     split = prompt_split(config.seed, config.n_eval_prompts)
-    world = {
+    return {
         "version": WORLD_VERSION,
         "image_size": IMAGE_SIZE,
         "vocabulary": {"colours": {k: list(v) for k, v in COLOURS.items()}, "background": list(BACKGROUND),
@@ -111,22 +121,34 @@ def build_world(config: WorldConfig, out_dir: Path, progress: Progress = _quiet)
         "torch": torch.__version__,
         "machine": platform.machine(),
     }
-    (out_dir / "world.json").write_text(json.dumps(world, indent=1) + "\n")
-    return world
 
 
 def _build(config: WorldConfig, out_dir: Path, progress: Progress) -> tuple[dict, dict]:
-    seed, times, metrics = config.seed, {}, {}
+    times, metrics = {}, {}
     clock = time.time()
-
-    # 1. VAE on renders of every pair
-    vae_data = captioner_dataset(config.vae_images, seed + 100)
-    vae = base_model.build_vae(seed + 101)
-    metrics.update(base_model.train_vae(vae, vae_data.images, steps=config.vae_steps, batch_size=config.vae_batch,
-                                        lr=config.vae_lr, seed=seed + 102, progress=progress))
+    vae = train_vae_part(config, metrics, progress)
     times["vae"], clock = time.time() - clock, time.time()
+    train_base_part(config, vae, out_dir / "base", metrics, progress)
+    times["base"], clock = time.time() - clock, time.time()
+    train_captioner_part(config, out_dir / "captioner", metrics, progress)
+    times["captioner"], clock = time.time() - clock, time.time()
+    metrics["base"] = measure_base(out_dir / "base", config, progress)
+    times["measure"] = time.time() - clock
+    return metrics, times
 
-    # 2. latent diffusion on the base model's skewed captions
+
+def train_vae_part(config: WorldConfig, metrics: dict, progress: Progress = _quiet):
+    """Part 1: the VAE, on renders of every pair (seeds ``seed``)."""
+    data = captioner_dataset(config.vae_images, config.seed)
+    vae = base_model.build_vae(config.seed)
+    metrics.update(base_model.train_vae(vae, data.images, steps=config.vae_steps, batch_size=config.vae_batch,
+                                        lr=config.vae_lr, seed=config.seed, progress=progress))
+    return vae
+
+
+def train_base_part(config: WorldConfig, vae, out_dir: Path, metrics: dict, progress: Progress = _quiet) -> Path:
+    """Part 2: latent diffusion on the base model's skewed captions (seeds ``seed + 200..203``); saves the pipeline."""
+    seed = config.seed
     data = base_dataset(config.base_images, seed + 200)
     latents = base_model.encode(vae, data.images)
     scale = float(1.0 / latents.std())
@@ -139,23 +161,19 @@ def _build(config: WorldConfig, out_dir: Path, progress: Progress) -> tuple[dict
         batch_size=config.unet_batch, lr=config.unet_lr, seed=seed + 203, ema_decay=config.ema_decay,
         progress=progress)
     metrics.update(unet_metrics, vae_scaling_factor=scale)
-    base_model.save_pipeline(out_dir / "base", vae, text_encoder, tokenizer, unet)
-    times["base"], clock = time.time() - clock, time.time()
+    return base_model.save_pipeline(out_dir, vae, text_encoder, tokenizer, unet)
 
-    # 3. captioner, uniform over every pair
-    cap_data = captioner_dataset(config.captioner_images, seed + 300)
+
+def train_captioner_part(config: WorldConfig, out_dir: Path, metrics: dict, progress: Progress = _quiet) -> Path:
+    """Part 3: the captioner, uniform over every pair (seeds ``seed + 300..302``); saves it and its binding."""
+    seed = config.seed
+    data = captioner_dataset(config.captioner_images, seed + 300)
     model, processor = captioner.build_captioner(seed + 301, config.captioner_hidden, config.captioner_layers)
-    metrics.update(captioner.train_captioner(model, processor, cap_data.images, cap_data.captions,
+    metrics.update(captioner.train_captioner(model, processor, data.images, data.captions,
                                              steps=config.captioner_steps, batch_size=config.captioner_batch,
                                              lr=config.captioner_lr, seed=seed + 302, progress=progress))
     metrics["captioner_binding"] = captioner.binding_accuracy(model, processor, n=config.captioner_probe)
-    captioner.save_captioner(out_dir / "captioner", model, processor)
-    times["captioner"], clock = time.time() - clock, time.time()
-
-    # 4. measure the base model with the judge
-    metrics["base"] = measure_base(out_dir / "base", config, progress)
-    times["measure"] = time.time() - clock
-    return metrics, times
+    return captioner.save_captioner(out_dir, model, processor)
 
 
 def load_base(path: Path):
@@ -216,3 +234,51 @@ def measure_base(path: Path, config: WorldConfig, progress: Progress = _quiet) -
         result[name] = judge_prompts(images, expanded)
         progress("measure", 1, 1, {name: result[name]["all"]})
     return result
+
+
+def labelled_grid(images: np.ndarray, prompts: list[str], columns: int = 8, cell: int = 192):
+    """A PIL grid of images, each labelled with its prompt and the judge's verdict (green: bound)."""
+    from PIL import Image, ImageDraw
+
+    rows = -(-len(images) // columns)
+    canvas = Image.new("RGB", (columns * cell, rows * (cell + 44)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, (image, prompt) in enumerate(zip(images, prompts)):
+        verdict = judge.score(image, prompt)
+        x, y = (k % columns) * cell, (k // columns) * (cell + 44)
+        canvas.paste(Image.fromarray(image).resize((cell, cell), Image.NEAREST), (x, y))
+        draw.text((x + 2, y + cell + 2), prompt.replace(" and ", " &\n"), fill="black")
+        draw.text((x + 2, y + cell + 26), verdict.summary()[:34], fill="green" if verdict.binding else "red")
+    return canvas
+
+
+def base_grid(base_dir: Path, config: WorldConfig, n: int = 8):
+    """The first ``n`` single-object and held-out two-object prompts, one image each (seed 10000), labelled."""
+    split = prompt_split(config.seed, config.n_eval_prompts)
+    prompts = list(split.eval_single[:n]) + list(split.eval_two[:n])
+    images = generate(load_base(base_dir), prompts, [10_000] * len(prompts), config.probe_steps,
+                      config.probe_guidance)
+    return labelled_grid(images, prompts, columns=n)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m comat_core.worlds.shapes.build OUT_DIR [--smoke] [--seed N]``: build a world by hand."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m comat_core.worlds.shapes.build", description=main.__doc__)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--smoke", action="store_true", help="the CI-sized build (about a minute)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    config = WorldConfig.smoke(seed=args.seed) if args.smoke else WorldConfig(seed=args.seed)
+
+    def show(phase: str, step: int, total: int, info: dict) -> None:
+        print(f"{phase} {step}/{total} {info}", flush=True)
+
+    world = build_world(config, args.out_dir, show)
+    base_grid(args.out_dir / "base", config).save(args.out_dir / "base_grid.png")
+    print(json.dumps({"metrics": world["metrics"], "seconds": world["seconds"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

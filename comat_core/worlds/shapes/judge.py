@@ -9,9 +9,12 @@
    the world does not have). Isolated pixels (salt-and-pepper noise) take their neighbours' class first.
 3. **Connected components** (4-connected) of each colour; components under ``MIN_AREA`` pixels are
    specks, not objects.
-4. **Shape from geometry**: each component is compared with every shape drawn in its own bounding
-   square (the renderer's geometry); the best intersection-over-union names the shape when it is at
-   least ``MIN_SHAPE_IOU``, otherwise the component is an unrecognised blob (``shape=None``).
+4. **Shape from geometry**: scale-free moments of each component (compactness, where its mass lies
+   by direction, vertical skew) name the nearest shape; the component is that shape only if the
+   shape, drawn with the renderer's geometry and fitted to it, overlaps it with IoU >=
+   ``MIN_SHAPE_IOU``, otherwise it is an unrecognised blob (``shape=None``). Moments rather than
+   template IoU alone: soft, rounded shapes (as a VAE decodes them) all fit a circle's template
+   best, but keep their moments (measured on VAE reconstructions of renders).
 
 ``score(image, prompt)`` returns a ``Verdict``:
 
@@ -35,7 +38,7 @@ from comat_core.worlds.shapes.vocab import COLOURS, SHAPES, parse_prompt
 
 CLEAN_DISTANCE = 70.0  # RGB distance to the nearest palette/background colour for a pixel to count as clean
 MIN_AREA = 30  # pixels: smaller components are specks (the smallest rendered shape has about 70)
-MIN_SHAPE_IOU = 0.7  # IoU with the best-fitting shape template to recognise a shape
+MIN_SHAPE_IOU = 0.7  # IoU with the fitted shape template for a component to be that shape
 _NAMES = tuple(COLOURS)
 _PALETTE = np.array([COLOURS[c] for c in _NAMES], dtype=np.float32)
 
@@ -120,25 +123,79 @@ def components(labels: np.ndarray) -> np.ndarray:
         ids = new
 
 
+_FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5, "diamond": 0.5}  # area / box area
+_CENTROID_BELOW_CENTRE = {"triangle": 1 / 6}  # centroid offset from the box centre, in box sides
+_FEATURE_SCALE = np.array([0.01, 0.03, 0.15])  # how far apart shapes' features are (see ``shape_features``)
+
+
+def shape_features(mask: np.ndarray) -> np.ndarray:
+    """Scale-free moments of a region about its centroid (``u, v`` in units of sqrt(area)):
+
+    * ``E[u^2 + v^2]``: compactness (circle 0.159, square/diamond 0.166, triangle 0.193);
+    * ``E[u^4 + v^4] / E[(u^2 + v^2)^2]``: where the mass lies by direction (circle 0.75, square 0.64
+      with its corners on the diagonals, diamond 0.86 with its tips on the axes);
+    * ``E[v^3] / E[v^2]^1.5``: vertical skew (the upward triangle -0.57, the others 0).
+
+    Moments change little when corners are rounded or edges soft, as a VAE decodes them.
+    """
+    ys, xs = np.nonzero(mask)
+    scale = np.sqrt(len(xs))
+    u, v = (xs - xs.mean()) / scale, (ys - ys.mean()) / scale
+    r2 = u * u + v * v
+    return np.array([r2.mean(), (u**4 + v**4).mean() / max((r2 * r2).mean(), 1e-9),
+                     (v**3).mean() / max((v * v).mean(), 1e-9) ** 1.5])
+
+
+def _soften(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Round a mask's corners: a (2 radius + 1)^2 box average, thresholded at one half."""
+    padded = np.pad(mask.astype(np.float32), radius)
+    h, w = mask.shape
+    k = 2 * radius + 1
+    total = sum(padded[dy : dy + h, dx : dx + w] for dy in range(k) for dx in range(k))
+    return total / (k * k) >= 0.5
+
+
+def _reference_features() -> dict[str, list[np.ndarray]]:
+    """Each shape's features, sharp and with corners rounded (radius 2 and 3), averaged over sides 12-26 px."""
+    refs = {}
+    for shape in SHAPES:
+        masks = [shape_mask(shape, 32.3, 32.1, side, 64) for side in range(12, 27, 2)]
+        refs[shape] = [np.mean([shape_features(m if r == 0 else _soften(m, r)) for m in masks], 0) for r in (0, 2, 3)]
+    return refs
+
+
+_REFERENCE = _reference_features()
+
+
+def _iou(window: np.ndarray, shape: str, cx: float, cy: float, side: float) -> float:
+    template = shape_mask(shape, cx, cy, side, window.shape)
+    return float(np.logical_and(window, template).sum() / max(1, np.logical_or(window, template).sum()))
+
+
 def classify(mask: np.ndarray) -> tuple[str | None, float, tuple[int, int, int, int]]:
-    """``(shape or None, best IoU, box)`` of one component, by IoU with each shape in its bounding square."""
+    """``(shape or None, IoU, box)`` of one component.
+
+    The shape is the one whose ``shape_features`` (sharp, or with corners rounded as a decoder
+    rounds them) are nearest, scaled by ``_FEATURE_SCALE``; it
+    counts only if the shape, drawn with the renderer's geometry and fitted to the component (its
+    bounding square, or its area and centroid, whichever fits better), overlaps it with IoU >=
+    ``MIN_SHAPE_IOU``; otherwise the component is a blob (None).
+    """
     ys, xs = np.nonzero(mask)
     x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
+    features = shape_features(mask)
+    shape = min(SHAPES, key=lambda s: min(float((((features - ref) / _FEATURE_SCALE) ** 2).sum())
+                                          for ref in _REFERENCE[s]))
     side = max(x1 - x0, y1 - y0)
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    # compare inside a window around the box only (fast, and the templates fit in it)
-    pad = 2
-    wx0, wy0 = max(0, int(cx - side / 2) - pad), max(0, int(cy - side / 2) - pad)
-    wx1, wy1 = min(mask.shape[1], int(cx + side / 2) + pad + 1), min(mask.shape[0], int(cy + side / 2) + pad + 1)
-    window = mask[wy0:wy1, wx0:wx1]
-    best, best_iou = None, 0.0
-    for shape in SHAPES:
-        template = shape_mask(shape, cx - wx0, cy - wy0, side, window.shape)
-        inter = np.logical_and(window, template).sum()
-        iou = inter / max(1, np.logical_or(window, template).sum())
-        if iou > best_iou:
-            best, best_iou = shape, float(iou)
-    return (best if best_iou >= MIN_SHAPE_IOU else None), best_iou, (x0, y0, x1, y1)
+    mx, my, area = float(xs.mean()) + 0.5, float(ys.mean()) + 0.5, len(xs)
+    pad = side // 2 + 2  # compare inside a window around the component only (fast; every fit lies in it)
+    wx0, wy0 = max(0, x0 - pad), max(0, y0 - pad)
+    window = mask[wy0 : min(mask.shape[0], y1 + pad), wx0 : min(mask.shape[1], x1 + pad)]
+    fit_side = (area / _FILL[shape]) ** 0.5
+    fit_cy = my - _CENTROID_BELOW_CENTRE.get(shape, 0.0) * fit_side
+    iou = max(_iou(window, shape, (x0 + x1) / 2 - wx0, (y0 + y1) / 2 - wy0, side),
+              _iou(window, shape, mx - wx0, fit_cy - wy0, fit_side))
+    return (shape if iou >= MIN_SHAPE_IOU else None), iou, (x0, y0, x1, y1)
 
 
 def _quantise(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
