@@ -90,13 +90,19 @@ def main(argv: list[str] | None = None) -> int:
         summary = json.loads(store.reader("evaluate", compute_key(cfg, store, "evaluate")).read_bytes("summary.json"))
         results["variants"][name] = {"overrides": VARIANTS[name], "train_seconds": train_s, "evaluate_seconds": eval_s,
                                      "results": summary["results"]}
-    results["curve"] = curve(config(names[0]), store)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.out / "results.md").write_text(markdown(results))
-    plot_curve(results["curve"], args.out / "curve.png")
+        write(results, args.out)  # after each variant: a long run's finished part is never lost
+        if name == names[0]:
+            results["curve"] = curve(cfg, store)
+            plot_curve(results["curve"], args.out / "curve.png")
+            write(results, args.out)
     print(markdown(results))
     return 0
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.md").write_text(markdown(results))
 
 
 def _timed(fn, label: str) -> float:

@@ -470,7 +470,7 @@ def _preset_shapes() -> dict:
                    "shard_size": 256, "preview_images": 16},
         "masks": {"backend": "shapes", "batch_size": 64, "shard_size": 256},
         "train": {
-            "max_steps": 200, "batch_size": 8, "learning_rate": 1e-4, "resolution": 64,
+            "max_steps": 200, "batch_size": 8, "learning_rate": 1e-3, "resolution": 64,
             "num_inference_steps": steps, "guidance_scale": guidance, "grad_steps": 5, "checkpoint_every": 50,
             "keep_last": 10, "validation_every": 50, "log_every": 10, "trackers": [],
             "lora": {"rank": 8, "alpha": 8},
