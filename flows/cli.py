@@ -226,6 +226,8 @@ def _dispatch(args) -> int:
     if args.command == "export":
         return _export(cfg, args.to)
     stages, force = _split(args.stages), _split(args.force)
+    if args.part:
+        check_part(cfg, stages, force, args.part)  # a bad --part is named before anything else
     preflight(cfg, stages=stages, force=force)
     check_this_machine(cfg, stages=stages, force=force)  # the stages run here, in this process
     # the heavy imports (torch, diffusers, Prefect) only now that the request is known to be valid
@@ -268,16 +270,23 @@ def _status(cfg, verify: bool = False) -> int:
     return 0
 
 
-def _run_part(cfg, stages: list[str] | None, force: list[str] | None, part: str) -> int:
+def check_part(cfg, stages: list[str] | None, force: list[str] | None, part: str):
+    """``--part K/N`` goes with exactly one sharded stage and no --force; returns the parsed part."""
     from comat_core.errors import ConfigError
-    from comat_core.stages.registry import STAGES, run_stage
+    from comat_core.stages.registry import STAGES
     from comat_core.store.shards import ShardPart
-    from comat_core.store.storage import ArtifactStore
 
     if not stages or len(stages) != 1 or not STAGES[stages[0]].sharded or force:
         sharded = ", ".join(s for s in cfg.stage_order() if STAGES[s].sharded)
         raise ConfigError(f"--part needs exactly one sharded stage in --stages ({sharded}) and no --force")
-    shard_part = ShardPart.parse(part)
+    return ShardPart.parse(part)
+
+
+def _run_part(cfg, stages: list[str] | None, force: list[str] | None, part: str) -> int:
+    from comat_core.stages.registry import run_stage
+    from comat_core.store.storage import ArtifactStore
+
+    shard_part = check_part(cfg, stages, force, part)
     result = run_stage(cfg, ArtifactStore(cfg.storage.root, cfg.storage.options), stages[0], shard_part=shard_part)
     state = "already complete" if result.cached else f"part {part} done, stage not committed"
     print(f"{stages[0]}  {result.url}  ({state})")

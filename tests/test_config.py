@@ -47,7 +47,7 @@ def test_override_types():
 
 
 @pytest.mark.parametrize("args, needle", [
-    (dict(preset="sd16"), "unknown preset 'sd16'; choose one of tiny, tiny-sdxl, sd15, sdxl"),
+    (dict(preset="sd16"), "unknown preset 'sd16'; choose one of tiny, tiny-sdxl, sd15, sdxl, shapes"),
     (dict(overrides=["train.lr=1"]), "unknown config key 'train.lr'"),
     (dict(overrides=["train.learning_rat=1"]), "did you mean train.learning_rate?"),
     (dict(overrides=["masks.backend=sam2"]), "masks.backend: Input should be 'hf', 'gsam' or 'shapes' (got 'sam2')"),
