@@ -190,18 +190,23 @@ def plot_curve(points: list[dict], path: Path) -> None:
 
 def markdown(results: dict) -> str:
     lines = [f"Device: {results['device']}", "",
-             "| variant | category | base | tuned | Δ | 95% CI of Δ | validity base | validity tuned | prompts |",
+             "| variant | category | binding base | binding tuned | Δ binding | 95% CI of Δ | recall base → tuned "
+             "(Δ, 95% CI) | validity base → tuned | prompts |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, entry in results["variants"].items():
         for category, data in entry["results"].items():
             m = data["metrics"].get("shapes")
+            r = data["metrics"].get("shapes.recall", {})
             v = data["metrics"].get("shapes.validity", {})
             if not m:
                 continue
             ci = m.get("ci95") or [float("nan")] * 2
+            rci = r.get("ci95") or [float("nan")] * 2
             lines.append(f"| {name} | {category} | {m['base']:.3f} | {m['tuned']:.3f} | {m['delta']:+.3f} "
-                         f"| [{ci[0]:+.3f}, {ci[1]:+.3f}] | {v.get('base', float('nan')):.3f} "
-                         f"| {v.get('tuned', float('nan')):.3f} | {m['n_prompts']} |")
+                         f"| [{ci[0]:+.3f}, {ci[1]:+.3f}] | {r.get('base', float('nan')):.3f} → "
+                         f"{r.get('tuned', float('nan')):.3f} ({r.get('delta', float('nan')):+.3f}, "
+                         f"[{rci[0]:+.3f}, {rci[1]:+.3f}]) | {v.get('base', float('nan')):.3f} → "
+                         f"{v.get('tuned', float('nan')):.3f} | {m['n_prompts']} |")
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {s} |" for stage, s in results["seconds"].items()]
     lines += [f"| {name}: train / evaluate | {e['train_seconds']} / {e['evaluate_seconds']} |"
