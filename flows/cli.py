@@ -133,9 +133,7 @@ def setup_logging(verbose: bool, command: str) -> str | None:
     """Console: one line per record (tracebacks too with ``-v``). ``run`` also writes the debug log,
     tracebacks included, so an error shows as one line and its details stay one file away."""
     root = logging.getLogger()
-    for old in [h for h in root.handlers if getattr(h, "comat", False)]:  # main() called again (tests)
-        root.removeHandler(old)
-        old.close()
+    drop_logging()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     console = logging.StreamHandler()
     console.setFormatter(logging.Formatter(LOG_FORMAT) if verbose else _NoTraceback(LOG_FORMAT))
@@ -153,6 +151,15 @@ def setup_logging(verbose: bool, command: str) -> str | None:
     handler.comat = True
     root.addHandler(handler)
     return path
+
+
+def drop_logging() -> None:
+    """Remove the handlers ``setup_logging`` added: a ``main()`` called in-process (tests, notebooks) must not
+    leave a handler on a stream its caller may close."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "comat", False)]:
+        root.removeHandler(old)
+        old.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"comat: error: internal error {type(e).__name__}: {_first_line(e)}{details}", file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        drop_logging()
 
 
 def _first_line(e: BaseException) -> str:

@@ -31,6 +31,15 @@ def test_config_prints_resolved_yaml(capsys):
     assert rc == 0 and "max_steps: 10" in out and "preset: sd15" in out
 
 
+def test_main_leaves_no_handler_on_the_callers_streams(capsys):
+    """In-process callers (tests, notebooks) close the streams main() logged to: no handler may outlive it."""
+    import logging
+
+    before = list(logging.getLogger().handlers)
+    run_cli(capsys, "config", "--preset", "tiny")
+    assert logging.getLogger().handlers == before
+
+
 def test_status_on_empty_store(capsys, tmp_path):
     rc, out, _ = run_cli(capsys, "status", "--storage", str(tmp_path / "s"))
     assert rc == 0

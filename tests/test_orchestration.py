@@ -58,13 +58,11 @@ def manifests(root: Path, *overrides: str) -> dict[str, dict]:
 
 
 def run_pipeline(root: Path, *overrides: str, **kwargs):
-    """Run the parent flow; returns (results, flow_run_id, seconds)."""
+    """Run the parent flow; returns (results, flow_run_id)."""
     from flows.pipeline import comat
 
-    t0 = time.time()
     state = comat(config=request(root, *overrides), stages=RUNNABLE, return_state=True, **kwargs)
-    seconds = time.time() - t0
-    return state.result(), state.state_details.flow_run_id, seconds
+    return state.result(), state.state_details.flow_run_id
 
 
 def task_runs(flow_run_id, expected: int, timeout: float = 30) -> dict[str, object]:
@@ -112,8 +110,8 @@ def recomputed(before: dict[str, dict], after: dict[str, dict]) -> set[str]:
 def baseline(services, tmp_path_factory):
     """One full run of the runnable stages into a fresh store (the other tests copy it)."""
     root = tmp_path_factory.mktemp("baseline") / "store"
-    results, flow_run_id, seconds = run_pipeline(root)
-    return {"root": root, "results": results, "flow_run_id": flow_run_id, "seconds": seconds,
+    results, flow_run_id = run_pipeline(root)
+    return {"root": root, "results": results, "flow_run_id": flow_run_id,
             "manifests": manifests(root)}
 
 
@@ -179,7 +177,7 @@ def all_files(root: Path) -> dict[str, float]:
 
 def test_second_run_is_all_cache_hits(baseline):
     before = all_files(baseline["root"])
-    results, flow_run_id, seconds = run_pipeline(baseline["root"])
+    results, flow_run_id = run_pipeline(baseline["root"])
     assert all_files(baseline["root"]) == before  # a run of cache hits writes nothing into the store
     arts = flow_run_artifacts(flow_run_id)
     notes = sorted(a.key for a in arts if a.key.endswith("-outputs"))
@@ -191,14 +189,12 @@ def test_second_run_is_all_cache_hits(baseline):
     assert all(f"{s}: cache hit" in "\n".join(run_logs(flow_run_id, "evaluate: cache hit")) for s in RUNNABLE)
     assert recomputed(baseline["manifests"], manifests(baseline["root"])) == set()
     assert set(state_names(flow_run_id, RUNNABLE).values()) == {"Cached"}
-    # loose on purpose (a shared 2-core CI box): the real check is above, no stage function ran
-    assert seconds < 0.75 * baseline["seconds"], (seconds, baseline["seconds"])
 
 
 def test_force_with_an_unchanged_result_keeps_the_dependants_keys_and_cache_hits(baseline, store_copy):
     """Keys follow content: gan_gt recomputed into identical bytes leaves masks, train, evaluate cached."""
     target = "gan_gt"
-    results, flow_run_id, _ = run_pipeline(store_copy, force=[target])
+    results, flow_run_id = run_pipeline(store_copy, force=[target])
     after = manifests(store_copy)
     assert recomputed(baseline["manifests"], after) == {target}
     assert after[target]["files"] == baseline["manifests"][target]["files"]  # the same bytes, again
@@ -219,7 +215,7 @@ def test_config_change_recomputes_the_stage_and_its_dependants_only(baseline, st
 def test_deleted_stage_folder_recomputes_instead_of_failing(baseline, store_copy):
     target = "masks"
     shutil.rmtree(store_copy / target)
-    results, _, _ = run_pipeline(store_copy)
+    results, _ = run_pipeline(store_copy)
     after = manifests(store_copy)
     assert set(after) == set(RUNNABLE)
     # recomputed into the same bytes: train and evaluate keep their keys and stay cached
@@ -231,7 +227,7 @@ def test_same_config_into_an_empty_store_recomputes_everything_with_the_same_key
     """A wiped bucket is a fresh run, not a crash on stale cache; and two stores that ran the same
     config hold the same keys for every stage (timings and hosts stay out of keys), so they can share."""
     root = tmp_path / "store"  # same keys as the baseline, which the server has seen complete
-    results, flow_run_id, _ = run_pipeline(root)
+    results, flow_run_id = run_pipeline(root)
     assert set(state_names(flow_run_id, RUNNABLE).values()) == {"Completed"}
     fresh = manifests(root)
     assert {s: m["key"] for s, m in fresh.items()} == {s: m["key"] for s, m in baseline["manifests"].items()}
