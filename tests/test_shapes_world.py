@@ -144,6 +144,21 @@ def test_prompt_split_keeps_evaluation_prompts_out_of_training():
         assert any(pair_kind((c, shape)) == "seen" for c in COLOURS)
 
 
+def test_base_data_follows_its_object_counts_and_pair_weights():
+    from comat_core.worlds.shapes.build import WorldConfig
+    from comat_core.worlds.shapes.data import base_dataset
+    from comat_core.worlds.shapes.splits import pair_kind
+
+    data = base_dataset(300, seed=5, count_weights=WorldConfig().base_object_counts)
+    counts = np.bincount([len(parse_prompt(c).objects) for c in data.captions], minlength=4)[1:] / 300
+    assert np.allclose(counts, WorldConfig().base_object_counts, atol=0.08)  # 1, 2, 3 objects
+    two = base_dataset(50, seed=5, count_weights=(0, 1, 0))
+    assert all(len(parse_prompt(c).objects) == 2 for c in two.captions)
+    assert not any(pair_kind(p) == "unseen" for c in data.captions for p in parse_prompt(c).pairs())
+    with pytest.raises(ValueError, match="positive sum"):
+        WorldConfig(base_object_counts=(0, 0, 0))
+
+
 def test_smoke_world_build_is_deterministic_and_loadable(tmp_path):
     """Two smoke builds from one seed give byte-identical weights; the folders load as the pipeline loads them."""
     import json

@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from comat_core.worlds.shapes import base_model, captioner, judge
 from comat_core.worlds.shapes.data import base_dataset, captioner_dataset
@@ -36,7 +36,7 @@ from comat_core.worlds.shapes.render import IMAGE_SIZE
 from comat_core.worlds.shapes.splits import RARE_WEIGHT, all_pairs, pair_kind, prompt_split
 from comat_core.worlds.shapes.vocab import BACKGROUND, COLOURS, RELATIONS, SHAPES, SIZES, parse_prompt
 
-WORLD_VERSION = 1  # bump when the world's rendering or recipe changes meaning
+WORLD_VERSION = 2  # bump when the world's rendering or recipe changes meaning
 
 Progress = Callable[[str, int, int, dict], None]
 
@@ -54,8 +54,11 @@ class WorldConfig(BaseModel):
     vae_batch: int = Field(16, ge=1)
     vae_lr: float = Field(2e-3, gt=0)
     # UNet + text encoder (latent diffusion on the base model's skewed captions)
-    base_images: int = Field(8000, ge=16)
-    unet_steps: int = Field(2400, ge=1)
+    base_images: int = Field(24000, ge=16)
+    base_object_counts: tuple[float, float, float] = Field(
+        (0.3, 0.55, 0.15), description="share of 1-, 2- and 3-object scenes in the base model's data (version 1: "
+        "0.4/0.45/0.15 and 8,000 images for 2,400 steps drew two clean objects for a fifth of two-object prompts)")
+    unet_steps: int = Field(3200, ge=1)
     unet_batch: int = Field(64, ge=1)
     unet_lr: float = Field(1e-3, gt=0)
     unet_widths: tuple[int, int] = (32, 64)
@@ -73,6 +76,13 @@ class WorldConfig(BaseModel):
     probe_steps: int = Field(25, ge=1, description="sampling steps when measuring the base model")
     probe_guidance: float = Field(7.5, ge=0)
     captioner_probe: int = Field(400, ge=10, description="two-object renders for the captioner's binding")
+
+    @field_validator("base_object_counts")
+    @classmethod
+    def _shares(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(value) < 0 or sum(value) <= 0:
+            raise ValueError("shares of 1-, 2- and 3-object scenes must be >= 0 with a positive sum")
+        return value
 
     @classmethod
     def smoke(cls, **overrides) -> "WorldConfig":
@@ -149,7 +159,7 @@ def train_vae_part(config: WorldConfig, metrics: dict, progress: Progress = _qui
 def train_base_part(config: WorldConfig, vae, out_dir: Path, metrics: dict, progress: Progress = _quiet) -> Path:
     """Part 2: latent diffusion on the base model's skewed captions (seeds ``seed + 200..203``); saves the pipeline."""
     seed = config.seed
-    data = base_dataset(config.base_images, seed + 200)
+    data = base_dataset(config.base_images, seed + 200, config.base_object_counts)
     latents = base_model.encode(vae, data.images)
     scale = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scale)

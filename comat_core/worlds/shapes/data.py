@@ -15,7 +15,7 @@ from comat_core.worlds.shapes.render import caption, render, sample_scene
 from comat_core.worlds.shapes.splits import all_pairs, base_pair_weights
 
 OBJECT_COUNTS = (1, 2, 3)
-OBJECT_COUNT_WEIGHTS = (0.4, 0.45, 0.15)
+OBJECT_COUNT_WEIGHTS = (0.4, 0.45, 0.15)  # the captioner's and the VAE's scenes
 P_SIZE_WORDS = 0.15  # fraction of captions that say "small"/"large"
 P_RELATION = 0.15  # fraction of two-object captions with a relation instead of "and"
 
@@ -26,15 +26,17 @@ class Dataset:
     captions: list[str]
 
 
-def render_dataset(n: int, seed: int, weights: dict[tuple[str, str], float]) -> Dataset:
-    """``n`` scenes whose objects' (colour, shape) pairs are drawn independently by ``weights``."""
+def render_dataset(n: int, seed: int, weights: dict[tuple[str, str], float],
+                   count_weights: tuple[float, ...] = OBJECT_COUNT_WEIGHTS) -> Dataset:
+    """``n`` scenes of 1-3 objects (by ``count_weights``) whose (colour, shape) pairs are drawn independently
+    by ``weights``."""
     rng = np.random.default_rng(seed)
     pairs = list(weights)
     probs = np.array([weights[p] for p in pairs], dtype=np.float64)
     probs /= probs.sum()
     images, captions = [], []
     for _ in range(n):
-        k = int(rng.choice(OBJECT_COUNTS, p=OBJECT_COUNT_WEIGHTS))
+        k = int(rng.choice(OBJECT_COUNTS, p=np.asarray(count_weights) / sum(count_weights)))
         chosen = [pairs[i] for i in rng.choice(len(pairs), size=k, p=probs)]
         scene = sample_scene(rng, chosen, relation=bool(rng.random() < P_RELATION),
                              with_size=bool(rng.random() < P_SIZE_WORDS))
@@ -43,9 +45,9 @@ def render_dataset(n: int, seed: int, weights: dict[tuple[str, str], float]) -> 
     return Dataset(np.stack(images), captions)
 
 
-def base_dataset(n: int, seed: int) -> Dataset:
+def base_dataset(n: int, seed: int, count_weights: tuple[float, ...] = OBJECT_COUNT_WEIGHTS) -> Dataset:
     """The base text-to-image model's data: seen pairs common, rare pairs rare, unseen pairs absent."""
-    return render_dataset(n, seed, base_pair_weights())
+    return render_dataset(n, seed, base_pair_weights(), count_weights)
 
 
 def captioner_dataset(n: int, seed: int) -> Dataset:
