@@ -307,20 +307,30 @@ def test_a_killed_forced_run_is_finished_by_the_next_run_which_then_drops_the_ol
 
 # ---------------------------------------------------------------- storage outages and stalls (point 4)
 
-def test_a_stalled_storage_call_is_logged_then_bounded(caplog):
+def test_a_stalled_storage_call_is_logged_then_bounded(caplog, monkeypatch):
+    import threading
     import time as _time
 
     from comat_core.errors import StorageError
     from comat_core.store.storage import ArtifactStore
 
     store = ArtifactStore("memory://hardening-stall", timeout=2)
-    real = store.fs.pipe_file
-    store.fs.pipe_file = lambda path, data, **kw: (_time.sleep(20), real(path, data))
+    real, release = store.fs.pipe_file, threading.Event()
+
+    def stalled(path, data, **kw):  # fsspec shares one memory filesystem: stall only this test's writes
+        if "hardening-stall" in path:
+            release.wait(60)
+        return real(path, data, **kw)
+
+    monkeypatch.setattr(store.fs, "pipe_file", stalled)
     t0 = _time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="comat.storage"), \
-            pytest.raises(StorageError, match=r"storage write of memory://.*/x.bin did not finish in 2 s \(storage.timeout\)"):
-        store.write_bytes(store.path("x.bin"), b"data")
-    assert _time.monotonic() - t0 < 12  # bounded by the timeout, long before the 20 s stall ends (wide margin: a busy CI box)
+    try:
+        with caplog.at_level(logging.WARNING, logger="comat.storage"), pytest.raises(
+                StorageError, match=r"storage write of memory://.*/x.bin did not finish in 2 s \(storage.timeout\)"):
+            store.write_bytes(store.path("x.bin"), b"data")
+        assert _time.monotonic() - t0 < 30  # bounded by the timeout, long before the 60 s stall ends
+    finally:
+        release.set()  # the abandoned worker finishes now, not during a later test
     assert "still waiting after" in caplog.text and "gives up at 2 s" in caplog.text
 
 
