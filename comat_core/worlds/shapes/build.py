@@ -42,7 +42,7 @@ Progress = Callable[[str, int, int, dict], None]
 
 
 class WorldConfig(BaseModel):
-    """Sizes, steps and seeds of a world build (defaults: the full build, about 50 min on 2 shared cores)."""
+    """Sizes, steps and seeds of a world build (defaults: the full build, about 30 min on 2 shared cores)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
