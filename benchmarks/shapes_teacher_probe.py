@@ -11,7 +11,8 @@ judge supplying the truth:
   clean objects of different colours and shapes; the judge's reading vs its colour swap.
 
 A teacher that binds scores near 1.0 on all three; near 0.5 it cannot tell a red circle and a blue
-square from a blue circle and a red square, and its gradient cannot teach binding.
+square from a blue circle and a red square, and its gradient cannot teach binding. Beside it, the loss of
+the true caption and the mean margin to the swapped one: how much of the concept loss the binding is worth.
 
 Usage (the evaluate stage of a ``shapes`` run, e.g. from ``benchmarks/shapes_world.py``)::
 
@@ -34,17 +35,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def prefers_truth(loss_fn, images: np.ndarray, true: list[str], swapped: list[str], batch: int = 50) -> np.ndarray:
-    """Per image: the captioner's loss of ``true`` is below that of ``swapped``."""
+def caption_losses(loss_fn, images: np.ndarray, true: list[str], swapped: list[str],
+                   batch: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: the captioner's concept loss of ``true`` and of ``swapped`` (nats per token)."""
     from comat_core.worlds.shapes.captioner import per_sample_loss, to_unit
 
-    wins = []
+    a, b = [np.zeros(0)], [np.zeros(0)]
     with torch.no_grad():
         for i in range(0, len(images), batch):
             x = to_unit(images[i : i + batch])
-            wins.append((per_sample_loss(loss_fn, x, true[i : i + batch])
-                         < per_sample_loss(loss_fn, x, swapped[i : i + batch])).numpy())
-    return np.concatenate(wins) if wins else np.zeros(0, bool)
+            a.append(per_sample_loss(loss_fn, x, true[i : i + batch]).numpy())
+            b.append(per_sample_loss(loss_fn, x, swapped[i : i + batch]).numpy())
+    return np.concatenate(a), np.concatenate(b)
 
 
 def judged_pairs(images: list[np.ndarray]) -> tuple[list[int], list[str], list[str]]:
@@ -97,26 +99,32 @@ def main(argv: list[str] | None = None) -> int:
     loss_fn = ConceptActivationLoss(model, processor, prefix=PREFIX, label_smoothing=LABEL_SMOOTHING)
     results = {}
 
-    def record(name: str, wins: np.ndarray, n_images: int) -> None:
-        results[name] = {"accuracy": float(wins.mean()) if len(wins) else float("nan"), "ci95": interval(wins),
-                         "n": int(len(wins)), "images": n_images}
-        print(f"{name:>18}: {results[name]['accuracy']:.3f} {results[name]['ci95']} on {len(wins)} of {n_images}",
+    def record(name: str, images: np.ndarray, true: list[str], swapped: list[str], n_images: int) -> None:
+        """Binding accuracy (true below swapped), and the loss of the true caption beside the margin to the swap:
+        how much of the loss the binding is worth."""
+        loss_true, loss_swapped = caption_losses(loss_fn, images, true, swapped)
+        wins = loss_true < loss_swapped
+        r = results[name] = {"accuracy": float(wins.mean()) if len(wins) else float("nan"), "ci95": interval(wins),
+                             "n": int(len(wins)), "images": n_images, "loss_true": float(loss_true.mean()),
+                             "margin": float((loss_swapped - loss_true).mean())}
+        print(f"{name:>18}: binds {r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] on {r['n']} of "
+              f"{n_images}; loss of the true caption {r['loss_true']:.3f}, swapped minus true {r['margin']:+.3f}",
               flush=True)
 
     renders, true, swapped = swap_test_set(args.renders, seed=12345)
-    record("renders", prefers_truth(loss_fn, renders, true, swapped), len(renders))
+    record("renders", renders, true, swapped, len(renders))
     vae = load_base(world / "base").vae
     recon = base_model.decode(vae, base_model.encode(vae, renders) * vae.config.scaling_factor)
-    record("vae", prefers_truth(loss_fn, recon, true, swapped), len(recon))
+    record("vae", recon, true, swapped, len(recon))
     keep, true_v, swapped_v = judged_pairs(list(recon))  # the VAE's images the judge still reads exactly
-    record("vae, judged", prefers_truth(loss_fn, recon[keep], true_v, swapped_v), len(recon))
+    record("vae, judged", recon[keep], true_v, swapped_v, len(recon))
 
     index = pq.read_table(args.evaluate_dir / "index").to_pydict()
     for model_name in ("base", "tuned"):
         rows = [i for i, m in enumerate(index["model"]) if m == model_name and index["category"][i] != "shapes_single"]
         images = np.stack([np.asarray(Image.open(args.evaluate_dir / index["image"][i]).convert("RGB")) for i in rows])
         keep, true_g, swapped_g = judged_pairs(list(images))
-        record(f"generated, {model_name}", prefers_truth(loss_fn, images[keep], true_g, swapped_g), len(images))
+        record(f"generated, {model_name}", images[keep], true_g, swapped_g, len(images))
     if args.out:
         args.out.write_text(json.dumps(results, indent=1) + "\n")
     return 0
