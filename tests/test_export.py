@@ -8,18 +8,11 @@ import torch
 from comat_core.config import load_config
 from comat_core.stages.registry import compute_key, run_stage
 from comat_core.store.storage import ArtifactStore
+from fast_run import FAST as TINY_RUN
 from flows.cli import main
 
-# The smallest real tiny run (as in the orchestration tests): 4 prompts, two training steps, one evaluation prompt.
-FAST = [
-    "prompts.max_prompts=4",
-    "gan_gt.shard_size=2", "gan_gt.num_inference_steps=2", "gan_gt.preview_images=2",
-    "masks.shard_size=2",
-    "train.max_steps=2", "train.num_inference_steps=2", "train.grad_steps=1", "train.losses.attribute_steps=1",
-    "train.checkpoint_every=2", "train.validation_every=2",
-    "evaluate.categories=[color]", "evaluate.prompts_per_category=1", "evaluate.images_per_prompt=1",
-    "evaluate.num_inference_steps=2", "evaluate.bootstrap_samples=10", "evaluate.grid_prompts=1",
-]
+# The shared smallest tiny run, checkpointed once, at its last step.
+FAST = TINY_RUN + ["train.checkpoint_every=2"]
 
 
 def cli(capsys, root, *args):

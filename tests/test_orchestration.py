@@ -18,22 +18,13 @@ from pathlib import Path
 import pytest
 
 from services import services  # noqa: F401 - the session fixture
+from fast_run import FAST
 from comat_core.config import load_config
 from comat_core.errors import ConfigError, InputError, IntegrityError, StorageError
 from comat_core.stages.registry import compute_key, downstream
 from comat_core.store.storage import ArtifactStore
 from flows._naming import describe
 
-# The smallest tiny run: 4 prompts, 2 per shard, two training steps, one evaluation prompt.
-FAST = [
-    "prompts.max_prompts=4",
-    "gan_gt.shard_size=2", "gan_gt.num_inference_steps=2", "gan_gt.preview_images=2",
-    "masks.shard_size=2",
-    "train.max_steps=2", "train.num_inference_steps=2", "train.grad_steps=1", "train.losses.attribute_steps=1",
-    "train.checkpoint_every=1", "train.validation_every=2",
-    "evaluate.categories=[color]", "evaluate.prompts_per_category=1", "evaluate.images_per_prompt=1",
-    "evaluate.num_inference_steps=2", "evaluate.bootstrap_samples=10", "evaluate.grid_prompts=1",
-]
 BASE_CFG = load_config("tiny", overrides=FAST)
 RUNNABLE = BASE_CFG.stage_order()  # prompts > gan_gt > masks > train > evaluate
 
