@@ -33,10 +33,11 @@ def judge_all(images, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.array([v.binding for v in verdicts], float), np.array([v.recall for v in verdicts], float)
 
 
-def paired_interval(delta_by_prompt: np.ndarray, resamples: int = 1000, seed: int = 0) -> list[float]:
-    rng = np.random.default_rng(seed)
-    means = delta_by_prompt[rng.integers(0, len(delta_by_prompt), (resamples, len(delta_by_prompt)))].mean(1)
-    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+def paired_interval(delta_by_prompt: np.ndarray) -> list[float]:
+    """95 % interval of the mean paired delta over prompts (the evaluate stage's bootstrap)."""
+    from comat_core.stages.evaluate.report import bootstrap_ci
+
+    return list(bootstrap_ci({i: [float(d)] for i, d in enumerate(delta_by_prompt)}, samples=1000, seed=0))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,13 +68,12 @@ def judged_pairs(images: list[np.ndarray]) -> tuple[list[int], list[str], list[s
     return keep, true, swapped
 
 
-def interval(wins: np.ndarray, resamples: int = 1000, seed: int = 0) -> list[float]:
-    """95 % bootstrap interval of the mean."""
-    if len(wins) == 0:
-        return [float("nan"), float("nan")]
-    rng = np.random.default_rng(seed)
-    means = wins[rng.integers(0, len(wins), (resamples, len(wins)))].mean(1)
-    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+def interval(wins: np.ndarray) -> list[float]:
+    """95 % bootstrap interval of the mean over images (the evaluate stage's bootstrap, one value per image)."""
+    from comat_core.stages.evaluate.report import bootstrap_ci
+
+    ci = bootstrap_ci({i: [float(w)] for i, w in enumerate(wins)}, samples=1000, seed=0)
+    return list(ci) if ci else [float("nan"), float("nan")]
 
 
 def main(argv: list[str] | None = None) -> int:
