@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from comat_core.models.generation import draw
     from comat_core.worlds.shapes import PRETRAINED
     from comat_core.worlds.shapes.build import load_base
+    from comat_core.worlds.shapes.render import IMAGE_SIZE
 
     train_dir = args.storage / "train" / args.train_key
     inputs = json.loads((train_dir / "_manifest.json").read_text())["inputs"]
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, seeds in seed_sets.items():
                 images = []
                 for i in range(0, len(prompts), 32):
-                    images += draw(pipe, prompts[i : i + 32], seeds[i : i + 32], resolution=64,
+                    images += draw(pipe, prompts[i : i + 32], seeds[i : i + 32], resolution=IMAGE_SIZE,
                                    num_inference_steps=args.steps, guidance_scale=args.guidance)
                 results.setdefault(name, {})[model] = judge_all(images, prompts)
     report = {}
