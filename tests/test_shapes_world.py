@@ -197,3 +197,27 @@ def test_shipped_world_draws_shapes_and_its_captioner_binds():
     assert np.mean([judge.score(im, p).validity for im, p in zip(images, prompts)]) >= 0.9
     model, processor = load_captioner(str(PRETRAINED / "captioner"))
     assert captioner.binding_accuracy(model, processor, n=60) >= 0.9
+
+
+def test_judge_names_what_went_wrong():
+    """The failure taxonomy on a render of a red circle and a blue square, read against other prompts."""
+    import numpy as np
+
+    from comat_core.worlds.shapes import judge
+    from comat_core.worlds.shapes.render import render, sample_scene
+
+    image, _ = render(sample_scene(np.random.default_rng(0), [("red", "circle"), ("blue", "square")]))
+    expected = {
+        "a red circle and a blue square": ("correct", True, True, 1.0),
+        "a blue circle and a red square": ("colours swapped", True, True, 1.0),
+        "a red circle and a red square": ("a colour wrong", False, True, 1.0),
+        "a red triangle and a blue square": ("a shape wrong", True, False, 0.5),
+        "a red circle": ("extra objects", False, False, 1.0),
+        "a red circle, a blue square and a green diamond": ("an object missing", False, False, 2 / 3),
+    }
+    for prompt, (kind, colours, shapes, shape_recall) in expected.items():
+        verdict = judge.score(image, prompt)
+        assert judge.failure(verdict) == kind, prompt
+        assert (judge.colours_right(verdict), judge.shapes_right(verdict)) == (colours, shapes), prompt
+        assert judge.shape_recall(verdict) == shape_recall, prompt
+    assert set(kind for kind, *_ in expected.values()) <= set(judge.FAILURES)

@@ -141,6 +141,8 @@ def render_markdown(summary: dict) -> str:
         for metric, m in entry["metrics"].items():
             if metric != entry["headline_metric"]:
                 lines.append(table_row(category, metric, m))
+    if world:
+        lines += _taxonomy_lines(results)
     lines += ["", "## Protocol", ""]
     lines += _protocol_lines(summary)
     if not world:
@@ -155,6 +157,32 @@ def render_markdown(summary: dict) -> str:
         judged = f" (judge: base {verdict['base']}; tuned {verdict['tuned']})" if verdict else ""
         lines.append(f"{i + 1}. {item['category']} #{item['prompt_idx']} seed {item['seed']}: {item['prompt']}{judged}")
     return "\n".join(lines) + "\n"
+
+
+def _taxonomy_lines(results: dict) -> list[str]:
+    """The judge's failure taxonomy per category: each kind's share of the images, base -> tuned."""
+    kinds = []
+    for entry in results.values():
+        kinds += [m.split(".failure.", 1)[1] for m in entry["metrics"] if ".failure." in m and
+                  m.split(".failure.", 1)[1] not in kinds]
+    if not kinds:
+        return []
+    lines = ["", "## What went wrong (the judge's failure taxonomy)", "",
+             "Share of images of each kind, base → tuned (the first that applies: correct; unrecognisable "
+             "blob; an object missing; extra objects; a shape wrong; then, shapes right: colours swapped, "
+             "one colour on all, a colour wrong).", "",
+             "| category | " + " | ".join(k.replace("_", " ") for k in kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for category, entry in results.items():
+        cells = []
+        for kind in kinds:
+            m = next((v for name, v in entry["metrics"].items() if name.endswith(f".failure.{kind}")), None)
+            cells.append("–" if m is None else f"{fmt_share(m['base'])} → {fmt_share(m['tuned'])}")
+        lines.append(f"| {category} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def fmt_share(value: float | None) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.0f} %"
 
 
 def _protocol_lines(summary: dict) -> list[str]:

@@ -54,7 +54,8 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def build_vae(seed: int, widths: tuple[int, ...] = (16, 32, 32, 32)):
-    """The tiny preset's VAE shape: 3 downsamples (latents are image / 8), 4 latent channels."""
+    """A tiny VAE with ``len(widths) - 1`` downsamples and 4 latent channels (the tiny preset's shape,
+    latents image / 8, is the default; the world's version 3 uses three widths: latents image / 4)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -67,16 +68,20 @@ def build_vae(seed: int, widths: tuple[int, ...] = (16, 32, 32, 32)):
 
 
 def train_vae(vae, images: np.ndarray, *, steps: int, batch_size: int, lr: float, seed: int,
-              kl_weight: float = 1e-6, progress: Progress = _quiet) -> dict:
-    """Train ``vae`` in place on renders (L1 reconstruction + ``kl_weight`` KL); returns metrics."""
+              kl_weight: float = 1e-6, device: str = "cpu", progress: Progress = _quiet) -> dict:
+    """Train ``vae`` in place on renders (L1 reconstruction + ``kl_weight`` KL); returns metrics.
+
+    ``device`` only moves the arithmetic: every draw comes from CPU generators, as on a CPU.
+    """
     rng = np.random.default_rng(seed)
-    background = torch.tensor(BACKGROUND, dtype=torch.float32).div(127.5).sub(1.0).view(1, 3, 1, 1)
+    vae.to(device)
+    background = torch.tensor(BACKGROUND, dtype=torch.float32).div(127.5).sub(1.0).view(1, 3, 1, 1).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     vae.train()
     start, loss_avg = time.time(), None
     for step in range(steps):
-        x = to_tensor(images[rng.integers(0, len(images), batch_size)])
+        x = to_tensor(images[rng.integers(0, len(images), batch_size)]).to(device)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.mean).sample  # deterministic: sampled latents drown the early signal
         weight = 1.0 + (OBJECT_WEIGHT - 1.0) * (x - background).abs().amax(1, keepdim=True).gt(0.05).float()
@@ -88,21 +93,23 @@ def train_vae(vae, images: np.ndarray, *, steps: int, batch_size: int, lr: float
         loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
         if step % 50 == 0 or step == steps - 1:
             progress("vae", step + 1, steps, {"loss": round(loss_avg, 4)})
-    vae.eval()
+    vae.eval().to("cpu")
     return {"vae_loss": loss_avg, "vae_seconds": time.time() - start}
 
 
 @torch.no_grad()
 def encode(vae, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
-    """The posterior means of ``images`` (unscaled latents ``[N, 4, h, w]``)."""
-    return torch.cat([vae.encode(to_tensor(images[i : i + batch_size])).latent_dist.mean
+    """The posterior means of ``images`` (unscaled latents ``[N, 4, h, w]``, on the CPU)."""
+    device = next(vae.parameters()).device
+    return torch.cat([vae.encode(to_tensor(images[i : i + batch_size]).to(device)).latent_dist.mean.cpu()
                       for i in range(0, len(images), batch_size)])
 
 
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor, batch_size: int = 64) -> np.ndarray:
     """Scaled latents -> uint8 ``[N, H, W, 3]`` images."""
-    out = [vae.decode(latents[i : i + batch_size] / vae.config.scaling_factor).sample
+    device = next(vae.parameters()).device
+    out = [vae.decode(latents[i : i + batch_size].to(device) / vae.config.scaling_factor).sample.cpu()
            for i in range(0, len(latents), batch_size)]
     x = torch.cat(out).clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).numpy()
@@ -120,16 +127,17 @@ def build_text_encoder(tokenizer, seed: int):
     return CLIPTextModel(config)
 
 
-def build_unet(seed: int, widths: tuple[int, int] = (32, 64)):
-    """The tiny preset's SD1.5-style UNet (cross-attention in every block) on 8x8 latents."""
+def build_unet(seed: int, widths: tuple[int, ...] = (32, 64), latent_size: int = SD_IMAGE_SIZE // 8):
+    """An SD1.5-style UNet (cross-attention in every block) with one level per width, on
+    ``latent_size`` latents (the tiny preset's: two levels on 8x8)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed + 2)
+    n = len(widths)
     return UNet2DConditionModel(
-        sample_size=SD_IMAGE_SIZE // 8, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=widths, layers_per_block=1, attention_head_dim=(2, 4),
+        sample_size=latent_size, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
+        block_out_channels=widths, layers_per_block=1, attention_head_dim=tuple(max(2, w // 16) for w in widths),
         cross_attention_dim=TEXT_HIDDEN, norm_num_groups=32,
     )
 
@@ -149,34 +157,45 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 def train_unet(unet, text_encoder, tokenizer, latents: torch.Tensor, captions: list[str], *, steps: int,
                batch_size: int, lr: float, seed: int, p_uncond: float = 0.1, ema_decay: float = 0.999,
+               train_text: bool = True, phase: str = "unet", device: str = "cpu",
                progress: Progress = _quiet) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
-    """Denoising training on scaled ``latents``; returns the EMA ``(unet, text_encoder)`` and metrics."""
+    """Denoising training on scaled ``latents``; returns the EMA ``(unet, text_encoder)`` and metrics.
+
+    ``train_text=False`` keeps the text encoder frozen (as CLIP is while Stable Diffusion's UNet
+    learns): only the UNet is optimised, and the text encoder comes back unchanged.
+    """
     scheduler = build_scheduler()
-    ids = tokenize(tokenizer, captions)
-    empty = tokenize(tokenizer, [""])[0]
+    unet.to(device)
+    text_encoder.to(device)
+    latents = latents.to(device)
+    ids = tokenize(tokenizer, captions).to(device)
+    empty = tokenize(tokenizer, [""])[0].to(device)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    text_encoder.requires_grad_(train_text)
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
-    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
-    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
-    alphas = scheduler.alphas_cumprod
+    ema_unet = copy.deepcopy(unet).eval()
+    ema_text = copy.deepcopy(text_encoder).eval() if train_text else text_encoder.eval()
+    ema_params = list(ema_unet.parameters()) + (list(ema_text.parameters()) if train_text else [])
+    alphas = scheduler.alphas_cumprod.to(device)
     unet.train()
-    text_encoder.train()
+    text_encoder.train(train_text)
     start, loss_avg = time.time(), None
     for step in range(steps):
-        idx = torch.from_numpy(rng.integers(0, len(latents), batch_size))
+        idx = torch.from_numpy(rng.integers(0, len(latents), batch_size)).to(device)
         x0 = latents[idx]
         tokens = ids[idx].clone()
-        tokens[torch.from_numpy(rng.random(batch_size) < p_uncond)] = empty
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
+        tokens[torch.from_numpy(rng.random(batch_size) < p_uncond).to(device)] = empty
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
         a = alphas[t].sqrt().view(-1, 1, 1, 1)
         s = (1 - alphas[t]).sqrt().view(-1, 1, 1, 1)
         noisy = a * x0 + s * noise
         target = a * noise - s * x0  # v
-        hidden = text_encoder(tokens)[0]
+        with torch.set_grad_enabled(train_text):
+            hidden = text_encoder(tokens)[0]
         pred = unet(noisy, t, hidden).sample
         loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
@@ -189,8 +208,10 @@ def train_unet(unet, text_encoder, tokenizer, latents: torch.Tensor, captions: l
             torch._foreach_lerp_(ema_params, params, 1 - decay)
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         if step % 50 == 0 or step == steps - 1:
-            progress("unet", step + 1, steps, {"loss": round(loss_avg, 4)})
-    return ema_unet, ema_text, {"unet_loss": loss_avg, "unet_seconds": time.time() - start}
+            progress(phase, step + 1, steps, {"loss": round(loss_avg, 4)})
+    for model in (unet, text_encoder, ema_unet, ema_text):
+        model.to("cpu")
+    return ema_unet, ema_text, {f"{phase}_loss": loss_avg, f"{phase}_seconds": time.time() - start}
 
 
 def save_pipeline(out_dir: Path, vae, text_encoder, tokenizer, unet) -> Path:

@@ -69,7 +69,7 @@ def _training_loss(loss_fn: ConceptActivationLoss, images01: torch.Tensor, capti
     """The concept loss, computed on the scored positions only (the same value, about twice as fast:
     the log-softmax over the vocabulary dominates the step)."""
     pixels = loss_fn.preprocess(images01, generator)
-    ids, mask, labels = loss_fn.tokenize(captions)
+    ids, mask, labels = loss_fn.tokenize(captions, images01.device)
     logits = loss_fn.model(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits[:, :-1]
     target = labels[:, 1:]
     scored = target != -100
@@ -77,8 +77,11 @@ def _training_loss(loss_fn: ConceptActivationLoss, images01: torch.Tensor, capti
 
 
 def train_captioner(model, processor, images: np.ndarray, captions: list[str], *, steps: int, batch_size: int,
-                    lr: float, seed: int, progress: Progress = _quiet) -> dict:
-    """Train ``model`` in place with the concept loss on (render, caption) pairs; returns metrics."""
+                    lr: float, seed: int, device: str = "cpu", progress: Progress = _quiet) -> dict:
+    """Train ``model`` in place with the concept loss on (render, caption) pairs; returns metrics.
+
+    ``device`` only moves the arithmetic (the crop offsets are drawn on the CPU either way)."""
+    model.to(device)
     loss_fn = ConceptActivationLoss(model, processor, prefix=PREFIX, label_smoothing=LABEL_SMOOTHING)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -88,7 +91,7 @@ def train_captioner(model, processor, images: np.ndarray, captions: list[str], *
     start, loss_avg = time.time(), None
     for step in range(steps):
         idx = rng.integers(0, len(images), batch_size)
-        loss = _training_loss(loss_fn, to_unit(images[idx]), [captions[i] for i in idx], gen)
+        loss = _training_loss(loss_fn, to_unit(images[idx]).to(device), [captions[i] for i in idx], gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -97,7 +100,7 @@ def train_captioner(model, processor, images: np.ndarray, captions: list[str], *
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         if step % 50 == 0 or step == steps - 1:
             progress("captioner", step + 1, steps, {"loss": round(loss_avg, 4)})
-    model.eval()
+    model.eval().to("cpu")
     return {"captioner_loss": loss_avg, "captioner_seconds": time.time() - start}
 
 
@@ -127,6 +130,42 @@ def binding_accuracy(model, processor, n: int = 400, seed: int = 12345, batch_si
         wins += int((per_sample_loss(loss_fn, x, true[i : i + batch_size])
                      < per_sample_loss(loss_fn, x, swapped[i : i + batch_size])).sum())
     return wins / n
+
+
+@torch.no_grad()
+def binding_on_images(model, processor, images: np.ndarray, batch_size: int = 50) -> float | None:
+    """The captioner's binding on generated images: among ``images`` the judge reads as two clean objects
+    of two different colours and two different shapes, how often the caption of what is drawn has a
+    lower loss than the same caption with the colours swapped (None when no image qualifies)."""
+    from comat_core.worlds.shapes.judge import segment
+
+    kept, true, swapped = [], [], []
+    for image in images:
+        found = segment(image)
+        if len(found) != 2 or any(f.shape is None for f in found):
+            continue
+        a, b = ((f.colour, f.shape) for f in found)
+        if a[0] == b[0] or a[1] == b[1]:
+            continue
+        kept.append(image)
+        true.append(two_object_prompt(a, b))
+        swapped.append(two_object_prompt((b[0], a[1]), (a[0], b[1])))
+    if not kept:
+        return None
+    loss_fn = ConceptActivationLoss(model, processor, prefix=PREFIX, label_smoothing=LABEL_SMOOTHING)
+    wins = 0
+    for i in range(0, len(kept), batch_size):
+        x = to_unit(np.stack(kept[i : i + batch_size]))
+        wins += int((per_sample_loss(loss_fn, x, true[i : i + batch_size])
+                     < per_sample_loss(loss_fn, x, swapped[i : i + batch_size])).sum())
+    return wins / len(kept)
+
+
+def load_for_probe(path: Path):
+    """A saved captioner folder as ``(model, processor)``, on the CPU, in eval mode."""
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    return BlipForConditionalGeneration.from_pretrained(path).eval(), BlipProcessor.from_pretrained(path)
 
 
 def save_captioner(out_dir: Path, model, processor) -> Path:

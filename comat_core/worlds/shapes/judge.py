@@ -267,3 +267,50 @@ def _relation_holds(found: list[Found], wanted: list[tuple[str, str]], relation:
     firsts = [f for f in found if (f.colour, f.shape) == wanted[0]]
     seconds = [f for f in found if (f.colour, f.shape) == wanted[1]]
     return any(a is not b and relation_of(spec(a), spec(b)) == relation for a in firsts for b in seconds)
+
+
+# ----------------------------------------------------------------------------------------------
+# What kind of right or wrong: colours and shapes apart, and a failure taxonomy
+
+FAILURES = ("correct", "colours swapped", "one colour on all", "a colour wrong", "a shape wrong",
+            "an object missing", "extra objects", "unrecognisable")
+
+
+def colours_right(verdict: Verdict) -> bool:
+    """The image's objects (blobs included) have exactly the prompt's colours, as a multiset, whatever their shapes."""
+    return Counter(f.colour for f in verdict.found) == Counter(c for c, _ in verdict.wanted)
+
+
+def shapes_right(verdict: Verdict) -> bool:
+    """The image's objects are exactly the prompt's shapes, as a multiset (a blob is no shape), whatever their colours."""
+    return Counter(f.shape for f in verdict.found) == Counter(s for _, s in verdict.wanted)
+
+
+def shape_recall(verdict: Verdict) -> float:
+    """The fraction of the prompt's shapes drawn as clean, recognised objects, ignoring colour."""
+    have = Counter(f.shape for f in verdict.found if f.shape is not None)
+    want = Counter(s for _, s in verdict.wanted)
+    return sum((have & want).values()) / len(verdict.wanted)
+
+
+def failure(verdict: Verdict) -> str:
+    """One of ``FAILURES`` for an image, checked in this order:
+
+    ``correct`` (binding); ``unrecognisable`` (an unrecognised blob); ``an object missing`` / ``extra
+    objects`` (fewer / more objects than the prompt names); ``a shape wrong`` (the shapes differ);
+    then, with the right shapes: ``colours swapped`` (the right colours on the wrong objects),
+    ``one colour on all`` (one colour everywhere where the prompt names several), ``a colour wrong``.
+    """
+    if verdict.binding:
+        return "correct"
+    if any(f.shape is None for f in verdict.found):
+        return "unrecognisable"
+    if len(verdict.found) != len(verdict.wanted):
+        return "an object missing" if len(verdict.found) < len(verdict.wanted) else "extra objects"
+    if not shapes_right(verdict):
+        return "a shape wrong"
+    if colours_right(verdict):
+        return "colours swapped"
+    if len({f.colour for f in verdict.found}) == 1 and len({c for c, _ in verdict.wanted}) > 1:
+        return "one colour on all"
+    return "a colour wrong"
