@@ -6,12 +6,12 @@ Usage:
   python benchmarks/generate.py --preset sdxl --size real --batch-size 8
 
 ``--size preset`` loads the models the preset names (the tiny zoo for tiny presets; Hub ids or local
-paths otherwise) exactly as the stage does (``generation.load_generator``). ``--size real``
+paths otherwise) exactly as the stage does (``gan_gt.load_base_sampler``). ``--size real``
 builds the preset family's real architecture with random weights in memory (SD1.5: UNet 860 M,
 CLIP ViT-L text encoder, SD VAE; SDXL: UNet 2.6 B, CLIP ViT-L + OpenCLIP bigG text encoders, VAE)
 with the tiny CLIP tokenizer (random weights need no real vocabulary), so nothing is downloaded.
-Either way the timed call is the stage's own ``comat_core.stages.gan_gt.generate_latents`` (DDPM built from
-the scheduler config, CFG, per-sample CPU generators), with the preset's resolution, steps and
+Either way the timed call is the stage's own ``comat_core.stages.gan_gt.generate_latents`` (the trainer's
+DDPM sampler from the scheduler config, CFG, per-sample CPU generators), with the preset's resolution, steps and
 guidance (``--steps`` / ``--resolution`` override them), in the precision ``runtime.mixed_precision``
 gives (bf16 on a recent GPU, fp32 on CPU).
 
@@ -33,9 +33,8 @@ from pathlib import Path
 import torch
 
 from comat_core.config import load_config
-from comat_core.stages.gan_gt import generate_latents, prompt_seed
-from comat_core.models.generation import load_generator
-from comat_core.runtime import resolve_device, weight_dtype
+from comat_core.stages.gan_gt import BaseSampler, generate_latents, load_base_sampler, prompt_seed
+from comat_core.runtime import mixed_precision, resolve_device, weight_dtype
 
 PROMPTS = ["a red cube and a blue sphere", "a green apple and a yellow banana", "a black cat and a white dog",
            "a wooden table and a metallic chair"]
@@ -121,6 +120,17 @@ def _clip_text(device, tokenizer, hidden: int, layers: int, heads: int, projecti
     return build_on(device, CLIPTextModelWithProjection if projection else CLIPTextModel, config)
 
 
+def real_sampler(cfg, pipe, precision: str) -> BaseSampler:
+    """The stage's sampler around a random-init real-size pipeline (as ``load_base_sampler`` builds it)."""
+    from comat_core.method.sampler import DifferentiableSampler
+    from comat_core.models.backbones import Backbone
+
+    gcfg = cfg.gan_gt
+    sampler = DifferentiableSampler(Backbone(pipe, cfg.models.family, gcfg.resolution), gcfg.num_inference_steps,
+                                    gcfg.guidance_scale, grad_steps=1, attribute_steps=0, gradient_checkpointing=False)
+    return BaseSampler(sampler, precision)
+
+
 def real_pipeline(family: str, device: torch.device, dtype: torch.dtype):
     """A random-init SD1.5 or SDXL pipeline at real size, set up as ``load_generator`` sets up the stage's."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -181,11 +191,15 @@ def main(argv: list[str] | None = None) -> dict:
     gcfg = cfg.gan_gt
 
     t = time.perf_counter()
-    pipe = load_generator(cfg, device) if args.size == "preset" else real_pipeline(cfg.models.family, device, dtype)
+    if args.size == "preset":
+        base = load_base_sampler(cfg, device)
+    else:
+        base = real_sampler(cfg, real_pipeline(cfg.models.family, device, dtype), mixed_precision(cfg, device))
+    pipe = base.sampler.backbone.pipe
     load_s = time.perf_counter() - t
     texts = [PROMPTS[i % len(PROMPTS)] for i in range(gcfg.batch_size)]
     seeds = [prompt_seed(gcfg.seed, f"bench-{i}") for i in range(gcfg.batch_size)]
-    timing = timed(lambda: generate_latents(pipe, texts, seeds, gcfg), device, args.warmup, args.reps)
+    timing = timed(lambda: generate_latents(base, texts, seeds), device, args.warmup, args.reps)
     params = {name: round(sum(p.numel() for p in m.parameters()) / 1e6, 1)
               for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
     result = {

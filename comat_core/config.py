@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -124,7 +125,7 @@ class GanGtConfig(_Section):
     resolution: int = Field(512, ge=32)
     samples_per_prompt: int = Field(
         1, ge=1, description="ground-truth samples per prompt, each with its own seed, latent and masks; the trainer "
-                             "draws one per visit. With train.attribute_masks=gt_noise a prompt always starts from one "
+                             "draws one per visit. With train.noise=replay a prompt always starts from one "
                              "of these noises, so N > 1 buys diversity at N times the gan_gt and masks cost")
     num_inference_steps: int = Field(50, ge=1)
     guidance_scale: float = Field(7.5, ge=0)
@@ -200,6 +201,9 @@ class DiscriminatorConfig(_Section):
     timestep: int = Field(1, ge=0)
 
 
+# The deprecated ``train.attribute_masks`` as (train.noise, train.masks).
+ATTRIBUTE_MASKS_ALIAS = {"gt_noise": ("replay", "offline"), "online": ("fresh", "online")}
+
 LAUNCH_FIELDS = ("num_processes", "num_machines", "machine_rank", "main_process_ip", "main_process_port")
 
 
@@ -227,12 +231,18 @@ class TrainConfig(_Section):
     backprop_through_unet_input: bool = Field(True, description="Decision; reference: True for SD1.5, False for SDXL")
     decode_to_unit_range: bool = Field(True, description="Decision: losses get [0,1] images; reference SDXL hands [-1,1]")
     p_mixed: float = Field(0.0, ge=0, le=1, description="Mixed Latent probability (see docs/method.md); default off")
-    attribute_masks: Literal["gt_noise", "online"] = Field(
-        "gt_noise", description="which image the attribute-concentration masks describe. gt_noise (Decision, default): a "
-                                "sample of prompt p starts from p's gan_gt noise and uses p's variance-noise stream, so at "
-                                "the LoRA's initial state the trained image is p's gan_gt image and the offline masks "
-                                "describe it; training keeps the layout close. online (the reference): fresh noise, and "
-                                "the online image is segmented (detached) with masks.backend at every attribute step")
+    noise: Literal["replay", "fresh"] = Field(
+        "replay", description="which noise every loss term sees. replay (Decision, default): a sample of prompt p starts "
+                              "from its gan_gt sample's noise and uses that sample's variance-noise stream, so at the "
+                              "LoRA's initial state the trained image is the gan_gt image (same sampler, same precision); "
+                              "needs train's resolution, num_inference_steps and guidance_scale equal to gan_gt's. fresh "
+                              "(the reference): new noise at every step")
+    masks: Literal["offline", "online"] = Field(
+        "offline", description="where the attribute-concentration masks come from. offline (Decision, default): the masks "
+                               "stage's masks of the sample's gan_gt image; they describe the trained image only with "
+                               "noise=replay (with fresh noise they describe another image of the prompt). online (the "
+                               "reference): the online image is segmented (detached) with masks.backend, in the "
+                               "training precision, at every attribute step; the masks stage is then not run")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     losses: LossConfig = Field(default_factory=LossConfig)
     discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
@@ -264,6 +274,31 @@ class TrainConfig(_Section):
     vae_decode_checkpointing: bool = Field(
         False, description="gradient-checkpoint the VAE decoder (saves the decode-backward peak)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _attribute_masks_alias(cls, data: Any) -> Any:
+        """The deprecated ``attribute_masks`` (gt_noise | online) decided both fields at once; map it, warn once."""
+        if not isinstance(data, dict) or "attribute_masks" not in data:
+            return data
+        data = dict(data)
+        old = data.pop("attribute_masks")
+        if old not in ATTRIBUTE_MASKS_ALIAS:
+            raise ValueError(f"train.attribute_masks must be gt_noise or online, not {old!r} (deprecated: use "
+                             "train.noise and train.masks)")
+        noise, masks = ATTRIBUTE_MASKS_ALIAS[old]
+        for name, value in (("noise", noise), ("masks", masks)):
+            if data.setdefault(name, value) != value:
+                raise ValueError(f"train.attribute_masks={old} means train.{name}={value}, but train.{name} is "
+                                 f"{data[name]}; drop the deprecated train.attribute_masks")
+        logging.getLogger("comat").warning("train.attribute_masks=%s is deprecated: use train.noise=%s train.masks=%s",
+                                           old, noise, masks)
+        return data
+
+    @property
+    def offline_masks(self) -> bool:
+        """Whether training reads the masks stage (``masks: offline``)."""
+        return self.masks == "offline"
+
     def key_dump(self) -> dict:
         """The section as it enters the stage key: the process layout and the performance switches
         (same function, tested equal to the plain path) are not part of the result.
@@ -276,6 +311,10 @@ class TrainConfig(_Section):
         """
         out = self.model_dump(mode="json")
         out["gradient_accumulation_steps"] = self.gradient_accumulation_steps * self.num_processes
+        legacy = {v: k for k, v in ATTRIBUTE_MASKS_ALIAS.items()}.get((self.noise, self.masks))
+        if legacy is not None:  # the two combinations the old single field named keep their keys
+            del out["noise"], out["masks"]
+            out["attribute_masks"] = legacy
         for name in LAUNCH_FIELDS + PERF_FIELDS:
             out[name] = type(self).model_fields[name].default
         return out
@@ -331,17 +370,17 @@ class ComatConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _gt_noise_replays_gan_gt(self) -> "ComatConfig":
-        """With ``train.attribute_masks=gt_noise`` the trainer replays gan_gt's draws: the sampler must be the same."""
-        if self.train.attribute_masks != "gt_noise":
+    def _replay_needs_the_gan_gt_sampler(self) -> "ComatConfig":
+        """With ``train.noise=replay`` the trainer replays gan_gt's draws: the sampler must be the same."""
+        if self.train.noise != "replay":
             return self
         pairs = [("resolution", "resolution"), ("num_inference_steps", "num_inference_steps"),
                  ("guidance_scale", "guidance_scale")]
         for t_name, g_name in pairs:
             t, g = getattr(self.train, t_name), getattr(self.gan_gt, g_name)
             if t != g:
-                raise ValueError(f"train.attribute_masks=gt_noise replays the gan_gt samples, so train.{t_name} ({t}) "
-                                 f"must equal gan_gt.{g_name} ({g}); make them equal or use train.attribute_masks=online")
+                raise ValueError(f"train.noise=replay replays the gan_gt samples, so train.{t_name} ({t}) "
+                                 f"must equal gan_gt.{g_name} ({g}); make them equal or use train.noise=fresh")
         return self
 
     @property
@@ -352,6 +391,8 @@ class ComatConfig(_Section):
     def stage_order(self) -> list[str]:
         """The stages this config runs, in dependency order."""
         skip = {"sdxl_prefinetune"} if not self.prefinetune_enabled else set()
+        if not self.train.offline_masks:  # nothing else reads the masks stage
+            skip.add("masks")
         if self.world.kind == "none":
             skip.add("world")
         return [s for s in STAGE_NAMES if s not in skip]
@@ -521,7 +562,7 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 def _check_key(dotted: str) -> None:
-    known = _known_keys(ComatConfig)
+    known = _known_keys(ComatConfig) + ["train.attribute_masks"]  # deprecated, mapped by TrainConfig
     if dotted not in known:
         hint = difflib.get_close_matches(dotted, known, n=1)
         extra = f" (did you mean {hint[0]}?)" if hint else ""

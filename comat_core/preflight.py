@@ -92,10 +92,10 @@ MODEL_FOLDERS = {
 
 def model_fields(cfg: ComatConfig, stages: list[str]) -> list[str]:
     """The ``models.*`` settings naming a model that these stages load."""
-    from comat_core.stages.registry import STAGES
+    from comat_core.stages.registry import STAGES, stage_models
 
     unused = {"family", "sam_model_type", "sam_checkpoint" if cfg.masks.backend == "hf" else "sam"}
-    fields = {f for s in stages if s in STAGES for f in STAGES[s].models} - unused
+    fields = {f for s in stages if s in STAGES for f in stage_models(cfg, s)} - unused
     return [f for f in type(cfg.models).model_fields if f in fields and getattr(cfg.models, f)]
 
 

@@ -186,33 +186,75 @@ class _OpCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops = collections.Counter()
+        self.sequence: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[str(func)] += 1
+        self.sequence.append(str(func))
         return func(*args, **(kwargs or {}))
 
     def syncs(self) -> dict[str, int]:
         return {op: n for op, n in self.ops.items() if any(s in op for s in SYNC_OPS)}
 
+    def draws_after_first_unet_call(self) -> list[str]:
+        """Random draws after the loop has begun (a per-step CPU draw is a per-step host-to-device copy on a GPU)."""
+        first = self.sequence.index("aten.convolution.default")
+        return [op for op in self.sequence[first:] if "randn" in op or "normal" in op]
 
+
+def _noise(kind: str):
+    """The trainer's two noise paths: per-sample gan_gt streams (train.noise=replay, the default) or fresh batch noise."""
+    from comat_core.models.generation import SeededNoise
+
+    return SeededNoise([11, 12]) if kind == "replay" else torch.Generator().manual_seed(0)
+
+
+@pytest.mark.parametrize("noise", ["replay", "fresh"])
 @pytest.mark.parametrize("merged", [False, True])
-def test_sampling_loop_has_no_host_syncs(sd15, merged):
+def test_sampling_loop_has_no_host_syncs(sd15, merged, noise):
     """No value is read back and no tensor is built from host data inside the T-step loop (after the
-    first call has cached the empty prompt and the timestep tensors); Mixed Latent included."""
+    first call has cached the empty prompt and the timestep tensors); Mixed Latent included. Every
+    noise tensor of the trajectory is drawn before the first UNet call, for the default replayed
+    per-sample streams too (their one host-to-device copy happens there, not once per step)."""
     sd15.nograd_unet = NoGradUNet(sd15.unet, merge_lora=True, compile=False) if merged else None
     try:
         sampler = DifferentiableSampler(sd15, 6, 7.5, 2, attribute_steps=0)
         cond = sd15.encode_prompts(PROMPTS)
         gt = torch.randn(2, 4, 8, 8)
         plan = SamplingPlan((1, 4), mix_index=2, mixed=(True, False))
-        sampler.sample(cond, plan, torch.Generator().manual_seed(0), gt_latents=gt)
+        sampler.sample(cond, plan, _noise(noise), gt_latents=gt)
         with _OpCounter() as counter:
-            out = sampler.sample(cond, plan, torch.Generator().manual_seed(0), gt_latents=gt)
+            out = sampler.sample(cond, plan, _noise(noise), gt_latents=gt)
         assert out.latents.requires_grad
         assert counter.ops["aten.convolution.default"] > 0  # the counter saw the UNet calls
         assert counter.syncs() == {}
+        assert any("randn" in op or "normal" in op for op in counter.ops)  # the counter saw the draws ...
+        assert counter.draws_after_first_unet_call() == []  # ... all before the loop
     finally:
         sd15.nograd_unet = None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: set_sync_debug_mode checks real device syncs")
+@pytest.mark.parametrize("noise", ["replay", "fresh"])
+def test_sampling_on_a_gpu_never_synchronises(noise):
+    """On a GPU, the whole sampling run (noise streams included) makes no synchronising CUDA call."""
+    from comat_core.models.generation import SeededNoise
+
+    backbone = Backbone.load("tiny://sd15", "sd15", 64, device="cuda")
+    add_lora(backbone.unet, 4, 4, TARGETS)
+    sampler = DifferentiableSampler(backbone, 6, 7.5, 2, attribute_steps=0)
+    cond = backbone.encode_prompts(PROMPTS)
+    gt = torch.randn(2, 4, 8, 8, device="cuda")
+    plan = SamplingPlan((1, 4), mix_index=2, mixed=(True, False))
+    make = (lambda: SeededNoise([11, 12])) if noise == "replay" else (lambda: torch.Generator("cuda").manual_seed(0))
+    sampler.sample(cond, plan, make(), gt_latents=gt)  # caches the empty prompt, timesteps, pinned blocks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = sampler.sample(cond, plan, make(), gt_latents=gt)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.latents.requires_grad
 
 
 def test_attention_steps_must_be_gradient_steps(sd15):

@@ -13,7 +13,8 @@ K steps carry gradients:
   recorded by autograd. It is linear in x_t and in the noise prediction, with constant per-step
   coefficients (Python floats, so nothing is saved for backward); at no-grad steps the noise
   prediction is a constant. The update is plain tensor math (no ``nonzero``/``.item()`` host
-  syncs as in diffusers' ``step``), and the variance noise comes from the passed generator.
+  syncs as in diffusers' ``step``), and the variance noise comes from the trajectory's noise stream
+  (``comat_core.models.generation``), drawn before the first step.
 * ``backprop_through_unet_input``: True (a **Decision**, docs/method.md §2; the SD1.5 reference) keeps the UNet
   input in the graph at gradient steps; False detaches it (the reference SDXL code).
 * **Attention capture**: ``attribute_steps`` of the K gradient steps run inside
@@ -31,13 +32,18 @@ K steps carry gradients:
 No host synchronisation inside the T-step loop (a CoMat step is host-bound, and
 every blocking copy or ``.item()`` makes the host wait for the GPU queue to drain): every random
 choice of a step (start index, attention steps, Mixed Latent samples and index) is drawn once, on
-the host, from the CPU generator in :meth:`DifferentiableSampler.plan`; the update coefficients
+the host, from the CPU generator in :meth:`DifferentiableSampler.plan`; every noise tensor of the
+trajectory (initial latent, variance noise of each step, Mixed Latent noise) is drawn once before
+the loop (per-sample CPU streams reach the device in one non-blocking copy); the update coefficients
 are Python floats; timesteps reach the UNet as cached device tensors (``Backbone.timestep``);
 Mixed Latent noising uses the same float coefficients as ``DDPMScheduler.add_noise`` (which moves
 its ``alphas_cumprod`` to the device on every call) and picks rows without building a device mask.
 Under ``torch.no_grad`` the UNet call goes to ``Backbone.nograd_unet`` when the trainer set one
 (LoRA merged and/or compiled, ``comat_core.method.nograd``); so attention can only be captured at
 gradient steps, which :meth:`DifferentiableSampler.sample` checks.
+
+The same sampler draws gan_gt's ground-truth latents (no-grad plan, the trainer's precision), so
+``train.noise: replay`` at the LoRA's initial state repeats gan_gt's computation.
 """
 
 from __future__ import annotations
@@ -81,6 +87,9 @@ class DdpmSchedule:
         self.clip_range = float(config.clip_sample_range) if config.clip_sample else None
         self.init_noise_sigma = float(self.scheduler.init_noise_sigma)
         self._coefficients = [self._coefficients_at(i, config.variance_type) for i in range(len(self.timesteps))]
+        noisy = [i for i in range(len(self.timesteps)) if self.needs_noise(i)]
+        self.noise_draws = len(noisy)  # variance draws of one trajectory
+        self._draw_index = {i: k for k, i in enumerate(noisy)}  # step index -> its draw in the stream
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -134,6 +143,10 @@ class DdpmSchedule:
 
     def needs_noise(self, i: int) -> bool:
         return self._coefficients[i]["std"] > 0
+
+    def draw_index(self, i: int) -> int:
+        """Which variance draw of the trajectory's stream step ``i`` uses (steps without noise have none)."""
+        return self._draw_index[i]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,10 +271,11 @@ class DifferentiableSampler:
     ) -> SampleOutput:
         """Run the T steps for the prompts in ``cond`` following ``plan``.
 
-        ``noise`` draws the initial latents (unless ``latents`` gives them), the DDPM variance noise and
-        the Mixed Latent noise, in that order of use: a generator on the backbone's device (batch
-        draws), or per-sample streams (:class:`~comat_core.models.generation.SeededNoise`, the
-        gan_gt draws replayed).
+        ``noise`` gives the trajectory's stream, drawn before the first step: the initial latents
+        (drawn, and unused, when ``latents`` gives them), the DDPM variance noise of each step and
+        the Mixed Latent noise: a generator on the backbone's device (one whole-batch draw), or
+        per-sample streams (:class:`~comat_core.models.generation.SeededNoise`, the gan_gt draws).
+        Every sample's stream is consumed by position, whatever the plan does to its batch-mates.
         ``attention`` is an ``AttentionCapture`` (or None: no maps are captured).
         """
         backbone, schedule = self.backbone, self.schedule
@@ -270,8 +284,9 @@ class DifferentiableSampler:
         device = backbone.device
         cfg_cond = Conditioning.cat([backbone.null_conditioning(batch), cond])
         shape = (batch, *backbone.latent_shape())
+        stream = noise_source.stream(batch, shape[1:], schedule.noise_draws, plan.mix_index is not None, device)
         if latents is None:
-            latents = noise_source.randn(shape, device) * schedule.init_noise_sigma
+            latents = stream.initial * schedule.init_noise_sigma
         elif tuple(latents.shape) != shape:
             raise ValueError(f"initial latents have shape {tuple(latents.shape)}, expected {shape}")
         grad_set = set(plan.grad_indices)
@@ -284,7 +299,7 @@ class DifferentiableSampler:
         maps: list[dict[str, torch.Tensor]] = []
         for i in range(begin, len(schedule)):
             if i == plan.mix_index:
-                latents = self._mix(latents, gt_latents, plan.mixed, i, noise_source)
+                latents = self._mix(latents, gt_latents, plan.mixed, i, stream.mix)
             with_grad = i in grad_set
             with torch.set_grad_enabled(with_grad):
                 unet_in = latents if (with_grad and self.backprop_through_unet_input) else latents.detach()
@@ -293,7 +308,7 @@ class DifferentiableSampler:
                 if capture:
                     maps.append(attention.pop())
             with torch.set_grad_enabled(i >= first_grad):
-                variance_noise = noise_source.randn(shape, device) if schedule.needs_noise(i) else None
+                variance_noise = stream.variance[schedule.draw_index(i)] if schedule.needs_noise(i) else None
                 latents = schedule.step(eps, i, latents, variance_noise)
         return SampleOutput(latents, maps, plan)
 
@@ -309,13 +324,13 @@ class DifferentiableSampler:
         eps_uncond, eps_cond = eps.chunk(2)
         return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
 
-    def _mix(self, latents, gt_latents, mixed, i, noise_source: Noise) -> torch.Tensor:
+    def _mix(self, latents, gt_latents, mixed, i, noise: torch.Tensor) -> torch.Tensor:
         """Mixed Latent: mixed samples restart from their ground-truth latent noised to ``timesteps[i]``.
 
         ``sqrt(abar_t) * z_gt + sqrt(1 - abar_t) * eps``, as ``DDPMScheduler.add_noise``.
         """
         device = latents.device
         gt = gt_latents.to(device=device, dtype=latents.dtype, non_blocking=True)
-        noised = self.schedule.add_noise(gt, noise_source.randn_rows(gt.shape, device, mixed), i)
+        noised = self.schedule.add_noise(gt, noise, i)
         rows = [noised[b: b + 1] if m else latents[b: b + 1] for b, m in enumerate(mixed)]
         return torch.cat(rows)

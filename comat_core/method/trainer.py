@@ -90,13 +90,14 @@ LOSS_TERMS = ("concept", "token", "pixel", "gan_g")
 class TrainingSources:
     """What the train stage reads: prompt records that have ground-truth latents, and the readers.
 
-    Every reader takes prompt ids and, per id, a gan_gt sample index (``gan_gt.samples_per_prompt``):
-    ``gt_latents(prompt_ids, samples) -> Tensor[N, 4, h, w]``; ``seeds(prompt_ids, samples)``: the
-    gan_gt seed of each sample (its noise is replayed with ``train.attribute_masks: gt_noise``);
-    ``entity_masks(prompt_ids, resolution, samples) -> list[list[EntityMask]]`` (None: no offline
-    masks); ``samples(prompt_id)``: the sample indices stored for a prompt. ``segment(images,
-    records, resolution)`` segments online images (``train.attribute_masks: online``) into, per image,
-    its ``EntityMask`` list at ``resolution``.
+    Built in one place (``stages/train/inputs.training_sources``, from ``train.noise`` and
+    ``train.masks``); the trainer reads only which readers are there. Every reader takes prompt ids
+    and, per id, a gan_gt sample index (``gan_gt.samples_per_prompt``): ``gt_latents(prompt_ids,
+    samples) -> Tensor[N, 4, h, w]``; ``seeds(prompt_ids, samples)``: the gan_gt seed of each sample,
+    whose noise every sample replays (None: fresh noise at every step); ``entity_masks(prompt_ids,
+    resolution, samples) -> list[list[EntityMask]]`` (offline masks, or None); ``samples(prompt_id)``:
+    the sample indices stored for a prompt. ``segment(images, records, resolution)`` segments online
+    images into, per image, its ``EntityMask`` list at ``resolution`` (online masks, or None).
     """
 
     prompts: list[dict]
@@ -116,7 +117,7 @@ class StepInputs:
     gt_latents: torch.Tensor
     targets: list[list[EntityTarget]] | None = None
     samples: list[int] = field(default_factory=list)  # gan_gt sample index of each prompt
-    seeds: list[int] | None = None  # gan_gt seed of each sample: its noise, replayed (gt_noise)
+    seeds: list[int] | None = None  # gan_gt seed of each sample: its noise, replayed (None: fresh noise)
     records: list[dict] = field(default_factory=list)
     online_targets: Callable[[torch.Tensor], list[list[EntityTarget]]] | None = None  # online masks: image -> targets
 
@@ -160,15 +161,13 @@ class TrainingData:
     """
 
     def __init__(self, sources: TrainingSources, tokenizer, mask_resolution: int, drop_undetected: bool = True,
-                 with_targets: bool = True, seed: int = 0, online: bool = False):
+                 with_targets: bool = True, seed: int = 0):
         self.sources = sources
         self.records = sources.prompts
         self.tokenizer = tokenizer
         self.mask_resolution = mask_resolution
         self.drop_undetected = drop_undetected
-        self.online = online and with_targets
-        if self.online and sources.segment is None:
-            raise ConfigError("train.attribute_masks=online needs a segmenter (masks.backend) for the online images")
+        self.online = with_targets and sources.segment is not None
         self.with_targets = with_targets and sources.entity_masks is not None and not self.online
         self.seed = seed
         self._tokens: dict[tuple[str, int], list[int]] = {}
@@ -375,9 +374,9 @@ def generator_losses(tr: Training, inputs: StepInputs, cpu_gen: torch.Generator,
                      noise_gen: torch.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Sample with gradients and compute the unweighted loss terms whose weight is not 0.
 
-    The noise: with ``train.attribute_masks: gt_noise`` each sample replays its gan_gt sample's draws
-    (``SeededNoise`` of its seed), else fresh batch noise from ``noise_gen``. With ``online`` the
-    attribute targets come from segmenting this step's own image (detached) after sampling.
+    The noise: when the inputs carry gan_gt seeds each sample replays its gan_gt sample's draws
+    (``SeededNoise`` of its seed), else fresh batch noise from ``noise_gen``. With online targets
+    the attribute targets come from segmenting this step's own image (detached) after sampling.
     """
     lc = tr.cfg.train.losses
     cond = tr.backbone.encode_prompts(inputs.texts)
@@ -386,9 +385,7 @@ def generator_losses(tr: Training, inputs: StepInputs, cpu_gen: torch.Generator,
     online = inputs.online_targets is not None
     has_targets = online or (inputs.targets is not None and any(inputs.targets))
     attention = tr.attention if has_targets else None
-    noise = noise_gen
-    if tr.cfg.train.attribute_masks == "gt_noise" and inputs.seeds is not None:
-        noise = SeededNoise(inputs.seeds)
+    noise = SeededNoise(inputs.seeds) if inputs.seeds is not None else noise_gen
     terms: dict[str, torch.Tensor] = {}
     with tr.accelerator.autocast():
         out = tr.sampler.sample(cond, plan, noise, gt_latents=gt, attention=attention)
@@ -683,8 +680,7 @@ def train(cfg: ComatConfig, sources: TrainingSources, writer: StageWriter, scrat
     accelerator = make_accelerator(cfg, Path(scratch) / "logs")
     tr = build_training(cfg, accelerator, unet_override)
     data = TrainingData(sources, tr.backbone.tokenizer, tr.backbone.latent_shape()[-1],
-                        tc.losses.drop_undetected_nouns, with_targets=tr.attention is not None, seed=tc.seed,
-                        online=tc.attribute_masks == "online")
+                        tc.losses.drop_undetected_nouns, with_targets=tr.attention is not None, seed=tc.seed)
     order = PromptOrder(len(data), tc.seed)
     processes, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     global_batch = tc.batch_size * processes * tc.gradient_accumulation_steps

@@ -4,17 +4,21 @@ The discriminator learns what the *original* model draws for the training prompt
 prompt of the ``prompts`` artifact (all of them; the reference silently stopped at 10,000) the frozen
 base model (or, for SDXL, the 512-px pre-finetuned UNet) samples one latent: DDPM built from the
 model's own scheduler config, ``num_inference_steps`` steps, classifier-free guidance
-``guidance_scale``, ``resolution`` px, ``output_type="latent"``. Latents are stored in the *scaled*
-latent space, exactly what the UNet (and so the trainer's discriminator) sees.
+``guidance_scale``, ``resolution`` px. The sampler is the trainer's own
+(``comat_core.method.sampler.DifferentiableSampler`` with a no-grad plan) under the trainer's
+precision (``runtime.mixed_precision``: the frozen weights in its dtype, under its autocast), so the
+image the masks describe and the image the trainer replays come from one DDPM implementation, not a
+diffusers pipeline beside it. Latents are stored in the *scaled* latent space, exactly what the UNet
+(and so the trainer's discriminator) sees.
 
 Samples: ``gan_gt.samples_per_prompt`` (N, default 1) samples per prompt, sample k of prompt p with
 the seed :func:`sample_seed` (a hash of ``gan_gt.seed``, p and k; sample 0's is the historical
 per-prompt seed), so seeds do not depend on prompt order or batch. Each sample gets its own CPU
-``torch.Generator`` passed to the pipeline as a list: diffusers draws the initial noise *and* every
-DDPM variance noise of sample i from generator i (the layout ``models.generation`` defines once). A
-shard therefore regenerates bit-identically on the same hardware and software, and the trainer
-(``train.attribute_masks: gt_noise``) replays a sample's draws from its stored seed: the latent is
-what the model at the LoRA's initial state draws, and the masks stage's masks describe it.
+``torch.Generator``: the initial noise *and* every DDPM variance noise of sample i come from
+generator i (``models.generation.SeededNoise``, the layout defined there once). A shard therefore
+regenerates bit-identically on the same hardware and software, and the trainer (``train.noise:
+replay``) replays a sample's draws from its stored seed: the latent is what the model at the LoRA's
+initial state draws, and the masks stage's masks describe it.
 
 Layout (shards of ``shard_size`` prompts, each committed with its own manifest, so a crash costs
 one shard and a rerun generates only the missing or corrupted ones):
@@ -37,6 +41,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import pyarrow as pa
 import torch
@@ -115,24 +120,64 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return (image / 2 + 0.5).clamp(0, 1)
 
 
-def load_base_pipeline(ctx, device: torch.device):
-    """The frozen base pipeline with a DDPM scheduler (and the SDXL pre-finetuned UNet when given)."""
-    from comat_core.models.generation import load_generator
+@dataclass
+class BaseSampler:
+    """The frozen base model behind the trainer's sampler, and the trainer's precision to run it in."""
+
+    sampler: object  # comat_core.method.sampler.DifferentiableSampler
+    precision: str  # the accelerate mixed-precision mode: "no", "fp16" or "bf16"
+
+    @property
+    def vae(self):
+        return self.sampler.backbone.vae
+
+    def autocast(self):
+        """What accelerate's ``autocast`` does for the trainer's mode: ``torch.autocast`` in its dtype, or nothing."""
+        from contextlib import nullcontext
+
+        from comat_core.runtime import DTYPES
+
+        if self.precision == "no":
+            return nullcontext()
+        return torch.autocast(self.sampler.backbone.device.type, dtype=DTYPES[self.precision])
+
+
+def load_base_sampler(cfg, device: torch.device, unet_dir: str | None = None) -> BaseSampler:
+    """The frozen base model (and the SDXL pre-finetuned UNet when given) behind the trainer's sampler,
+    with the weights in the training dtype and gan_gt's steps, guidance and resolution."""
+    from comat_core.method.sampler import DifferentiableSampler
+    from comat_core.models.backbones import Backbone
+    from comat_core.runtime import DTYPES, mixed_precision
+
+    precision = mixed_precision(cfg, device)
+    gcfg = cfg.gan_gt
+    backbone = Backbone.load(cfg.models.pretrained, cfg.models.family, gcfg.resolution, dtype=DTYPES[precision],
+                             device=device, vae=cfg.models.vae, unet_override=unet_dir)
+    sampler = DifferentiableSampler(backbone, gcfg.num_inference_steps, gcfg.guidance_scale, grad_steps=1,
+                                    attribute_steps=0, gradient_checkpointing=False)
+    return BaseSampler(sampler, precision)
+
+
+def load_stage_sampler(ctx, device: torch.device) -> BaseSampler:
+    """The stage's :class:`BaseSampler` (with the SDXL pre-finetuned UNet when the stage has one)."""
     from comat_core.stages.prefinetune import prefinetuned_unet
 
-    return load_generator(ctx.cfg, device, unet_dir=prefinetuned_unet(ctx))
+    return load_base_sampler(ctx.cfg, device, unet_dir=prefinetuned_unet(ctx))
 
 
 @torch.no_grad()
-def generate_latents(pipe, texts: list[str], seeds: list[int], gcfg) -> torch.Tensor:
+def generate_latents(base: BaseSampler, texts: list[str], seeds: list[int]) -> torch.Tensor:
     """One scaled latent per (text, seed): ``[B, 4, h, w]`` float32 on the CPU.
 
-    Sample i's initial noise and DDPM noise come from its own CPU generator seeded with ``seeds[i]``.
+    Sample i's initial noise and DDPM noise come from its own CPU generator seeded with ``seeds[i]``;
+    the prompts are encoded outside the autocast and sampled inside it, as the trainer does.
     """
-    from comat_core.models.generation import draw
+    from comat_core.models.generation import SeededNoise
 
-    latents = draw(pipe, texts, seeds, resolution=gcfg.resolution, num_inference_steps=gcfg.num_inference_steps,
-                   guidance_scale=gcfg.guidance_scale, output_type="latent")
+    sampler = base.sampler
+    cond = sampler.backbone.encode_prompts(texts)
+    with base.autocast():
+        latents = sampler.sample(cond, sampler.no_grad_plan(), SeededNoise(seeds)).latents
     return latents.float().cpu()
 
 
@@ -166,22 +211,22 @@ def run(ctx) -> dict:
     reused = len(shards) - len(pending)
     device = resolve_device(ctx.cfg)
     speed = _Throughput()
-    pipe = None
+    base = None
     bar = shard_bar(len(work), len(work) - sum(len(shards[n]) for n in pending), "gan_gt")
     try:
         for n in pending:
             check_fail_hook(ctx, n)
-            if pipe is None:
-                pipe = load_base_pipeline(ctx, device)
-            _generate_shard(ctx, pipe, n, shards[n], speed, bar)
+            if base is None:
+                base = load_stage_sampler(ctx, device)
+            _generate_shard(ctx, base, n, shards[n], speed, bar)
     finally:
         bar.close()
     if ctx.shard_part is not None:  # a fan-out part: the preview and the manifest come with the last call
-        del pipe
+        del base
         free_memory()
         return part_summary(ctx, names, len(pending)) | {"images_generated": speed.images}
-    vae = pipe.vae if pipe is not None else None
-    del pipe  # keep only the VAE, for the preview
+    vae = base.vae if base is not None else None
+    del base  # keep only the VAE, for the preview
     first = _first_latents(ctx, shards, gcfg.preview_images)
     preview = _write_preview(ctx, vae, first, device)
     del vae
@@ -193,7 +238,7 @@ def run(ctx) -> dict:
             "latent_dtype": "float32", "preview": preview}
 
 
-def _generate_shard(ctx, pipe, n: int, work: list[tuple[dict, int]], speed: _Throughput, bar) -> None:
+def _generate_shard(ctx, base, n: int, work: list[tuple[dict, int]], speed: _Throughput, bar) -> None:
     gcfg = ctx.cfg.gan_gt
     seeds = [sample_seed(gcfg.seed, p["prompt_id"], k) for p, k in work]
     prompts = [p for p, _ in work]
@@ -202,7 +247,7 @@ def _generate_shard(ctx, pipe, n: int, work: list[tuple[dict, int]], speed: _Thr
     for i in range(0, len(prompts), gcfg.batch_size):
         batch = prompts[i : i + gcfg.batch_size]
         t = time.perf_counter()
-        chunks.append(generate_latents(pipe, [p["text"] for p in batch], seeds[i : i + len(batch)], gcfg))
+        chunks.append(generate_latents(base, [p["text"] for p in batch], seeds[i : i + len(batch)]))
         speed.images += len(batch)
         speed.seconds += time.perf_counter() - t
         bar.set_postfix(shard=n, refresh=False)

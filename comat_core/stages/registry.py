@@ -101,9 +101,23 @@ STAGES: dict[str, Stage] = {
 }
 
 
+# What train loads in place of the masks stage when it segments its own images (``train.masks: online``).
+SEGMENTER_MODELS = ("grounding_dino", "sam", "sam_checkpoint", "sam_model_type")
+
+
+def stage_models(cfg: ComatConfig, stage: str) -> tuple[str, ...]:
+    """The ``models.*`` fields a stage loads under this config: its own, plus the segmenter's for a train
+    stage that segments its online images (``train.masks: online``)."""
+    models = STAGES[stage].models
+    if stage == "train" and not cfg.train.offline_masks:
+        models += SEGMENTER_MODELS
+    return models
+
+
 def stage_inputs(cfg: ComatConfig, stage: str) -> list[str]:
-    """The inputs a stage reads under this config (sdxl_prefinetune only when it is enabled; the world
-    stage for every stage whose models name ``world://``)."""
+    """The inputs a stage reads under this config (sdxl_prefinetune only when it is enabled; masks only when
+    ``train.masks`` is offline, see ``ComatConfig.stage_order``; the world stage for every stage whose
+    models name ``world://``)."""
     active = set(cfg.stage_order())
     inputs = [s for s in STAGES[stage].inputs if s in active]
     if stage != "world" and "world" in active and _reads_world(cfg, stage):
@@ -114,7 +128,7 @@ def stage_inputs(cfg: ComatConfig, stage: str) -> list[str]:
 def _reads_world(cfg: ComatConfig, stage: str) -> bool:
     from comat_core.config import WORLD_SCHEME
 
-    values = [getattr(cfg.models, f) for f in STAGES[stage].models]
+    values = [getattr(cfg.models, f) for f in stage_models(cfg, stage)]
     return any(isinstance(v, str) and v.startswith(WORLD_SCHEME) for v in values)
 
 
@@ -135,9 +149,12 @@ def stage_config(cfg: ComatConfig, stage: str) -> dict:
     section = getattr(cfg, stage)
     # a section may leave out what does not change its output (train: how processes are laid out)
     section = section.key_dump() if hasattr(section, "key_dump") else section.model_dump(mode="json")
-    models = {name: _fingerprint(name, getattr(cfg.models, name), model_fingerprint) for name in spec.models}
+    models = {name: _fingerprint(name, getattr(cfg.models, name), model_fingerprint)
+              for name in stage_models(cfg, stage)}
     runtime = {name: getattr(cfg.runtime, name) for name in spec.runtime}
     out = {"section": section, "models": models, "runtime": runtime}
+    if stage == "train" and not cfg.train.offline_masks:  # the segmenter's settings, in place of the masks stage
+        out["segmenter"] = cfg.masks.model_dump(mode="json")
     if stage == "prompts":
         from comat_core.stages.prompts import sources_fingerprint
 

@@ -15,7 +15,7 @@ from comat_core.stages.registry import StageContext
 
 
 def sources_from_inputs(ctx: StageContext) -> TrainingSources:
-    """Prompt records that have ground-truth latents, with the latent and mask readers."""
+    """Prompt records that have ground-truth latents, with the readers :func:`training_sources` picks."""
     from comat_core.stages.gan_gt import GanGtReader
 
     prompts = read_prompts(ctx.inputs["prompts"])
@@ -24,20 +24,39 @@ def sources_from_inputs(ctx: StageContext) -> TrainingSources:
     records = [p for p in prompts if str(p["prompt_id"]) in available]
     if not records:
         raise InputError("no prompt has a ground-truth latent in the gan_gt stage; rerun gan_gt with --force")
-    entity_masks, segment = None, None
-    if ctx.cfg.train.attribute_masks == "online":
-        segment = OnlineSegmenter(ctx.cfg)
-    elif "masks" in ctx.inputs:
+    masks = None
+    if "masks" in ctx.inputs:
         from comat_core.stages.masks.reader import MaskReader
 
-        entity_masks = MaskReader(ctx.inputs["masks"]).entity_masks
-    return TrainingSources(records, gt.latents, entity_masks, seeds=gt.seeds, samples=gt.samples, segment=segment)
+        masks = MaskReader(ctx.inputs["masks"])
+    return training_sources(ctx.cfg, records, gt, masks)
+
+
+def training_sources(cfg, records: list[dict], gt, masks=None) -> TrainingSources:
+    """The one place ``train.noise`` and ``train.masks`` are read: what every loss term trains on.
+
+    ``gt``: the gan_gt stage's ``GanGtReader``; ``masks``: the masks stage's ``MaskReader`` (needed,
+    and only read, with ``train.masks: offline``). The trainer sees only the readers: gan_gt seeds
+    to replay (``noise: replay``; without them it draws fresh noise), offline entity masks, or an
+    online segmenter (``masks: online``).
+    """
+    tc = cfg.train
+    entity_masks, segment = None, None
+    if tc.offline_masks:
+        if masks is None:
+            raise InputError("train.masks=offline reads the masks stage, which is not an input here; run masks first")
+        entity_masks = masks.entity_masks
+    else:
+        segment = OnlineSegmenter(cfg)
+    seeds = gt.seeds if tc.noise == "replay" else None
+    return TrainingSources(records, gt.latents, entity_masks, seeds=seeds, samples=gt.samples, segment=segment)
 
 
 class OnlineSegmenter:
-    """``train.attribute_masks: online`` (the reference): segment the trained image itself at each attribute step.
+    """``train.masks: online`` (the reference): segment the trained image itself at each attribute step.
 
-    The configured masks backend (``masks.backend``, loaded on first use on the images' device) runs on
+    The configured masks backend (``masks.backend``, loaded on first use on the images' device, in the
+    training precision: the frozen models' dtype of ``runtime.mixed_precision``) runs on
     the detached online images with the masks stage's rules (background and repeated nouns dropped,
     one mask per noun); each kept entity gets its mask resized to the attention resolution the
     trainer asks for, or ``detected=False``. Cost: one detector + segmenter pass per training image
@@ -55,9 +74,10 @@ class OnlineSegmenter:
         from comat_core.stages.masks.stage import caption_nouns, kept_entities, noun_key
 
         if self.backend is None:
+            from comat_core.runtime import weight_dtype
             from comat_core.stages.masks.factory import make_backend
 
-            self.backend = make_backend(self.cfg, images.device, torch.float32)
+            self.backend = make_backend(self.cfg, images.device, weight_dtype(self.cfg, images.device))
         kept = [kept_entities(r["entities"], self.cfg.masks)[0] for r in records]
         with torch.no_grad():
             found = self.backend.detect_and_segment(images.detach().float(), [caption_nouns(k) for k in kept])
