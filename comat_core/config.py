@@ -46,9 +46,10 @@ WORLD_SCHEME = "world://"  # models.* = world://base or world://captioner: the w
 
 
 class _Section(BaseModel):
-    """Base for config sections: unknown keys are errors, values are validated on assignment."""
+    """Base for config sections: unknown keys are errors, values are validated on assignment, and a float
+    must be finite (``inf`` or ``nan`` would pass every bound and fail mid-run)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # inf/nan: never a setting
 
 
 class RuntimeConfig(_Section):
@@ -85,6 +86,9 @@ class StorageConfig(_Section):
     def _not_blank(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("is empty; give a folder or URL (an empty root would write into the current directory)")
+        scheme, sep, rest = v.strip().partition("://")
+        if sep and not rest.strip("/"):  # "s3://" alone would become a local folder named "s3:"
+            raise ValueError(f"{v.strip()!r} names no bucket or location; give e.g. {scheme}://bucket/prefix")
         return v.strip()
 
 
@@ -122,7 +126,7 @@ class PromptsConfig(_Section):
 
 
 class GanGtConfig(_Section):
-    resolution: int = Field(512, ge=32)
+    resolution: int = Field(512, ge=32, multiple_of=8)
     samples_per_prompt: int = Field(
         1, ge=1, description="ground-truth samples per prompt, each with its own seed, latent and masks; the trainer "
                              "draws one per visit. With train.noise=replay a prompt always starts from one "
@@ -151,8 +155,8 @@ class MasksConfig(_Section):
 
 class SdxlPrefinetuneConfig(_Section):
     enabled: bool | None = Field(None, description="None: on for the sdxl family, off for sd15")
-    generation_resolution: int = Field(1024, ge=32)
-    resolution: int = Field(512, ge=32)
+    generation_resolution: int = Field(1024, ge=32, multiple_of=8)
+    resolution: int = Field(512, ge=32, multiple_of=8)
     num_images: int | None = Field(None, ge=1, description="images to generate (None: one per training prompt)")
     num_inference_steps: int = Field(50, ge=1)
     guidance_scale: float = Field(7.5, ge=0)
@@ -223,7 +227,7 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float = Field(0.1, gt=0)
     seed: int = 42
-    resolution: int = Field(512, ge=32)
+    resolution: int = Field(512, ge=32, multiple_of=8)
     num_inference_steps: int = Field(50, ge=2)
     guidance_scale: float = Field(7.5, ge=0)
     grad_steps: int = Field(5, ge=1, description="K: UNet calls with autograd, at start + j*(T/K)")
@@ -336,7 +340,7 @@ class EvaluateConfig(_Section):
     prompts_per_category: int | None = Field(None, ge=1, description="None: all 300")
     images_per_prompt: int = Field(10, ge=1)
     seed: int = 0
-    resolution: int = Field(512, ge=32)
+    resolution: int = Field(512, ge=32, multiple_of=8)
     num_inference_steps: int = Field(50, ge=1)
     guidance_scale: float = Field(7.5, ge=0)
     batch_size: int = Field(8, ge=1)
@@ -648,10 +652,16 @@ def load_config(
     file_data: dict = {}
     if config_file is not None:
         path = Path(config_file)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder; give a YAML file (e.g. {path}/comat.yaml)")
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            raise ConfigError(f"config file not found: {path}" if not path.exists() else
+                              f"config file {path} is not a regular file; give a YAML file")
         try:
             file_data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text (invalid byte at offset {e.start}); "
+                              "give a YAML file") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(file_data, dict):

@@ -101,8 +101,12 @@ def model_fields(cfg: ComatConfig, stages: list[str]) -> list[str]:
 
 def check_model_paths(cfg: ComatConfig) -> None:
     """Local model paths must be what their setting expects: an existing folder with the right marker file
-    (a pipeline's model_index.json, a model's config.json), or for ``sam_checkpoint`` a file."""
-    from comat_core.models.loader import is_local, is_tiny, is_world
+    (a pipeline's model_index.json, a model's config.json), or for ``sam_checkpoint`` a file. The folder's
+    JSON must read, name the family or model type the setting loads, and come with safetensors weights and
+    no code of its own (``models.loader.check_pipeline_folder`` / ``check_model_folder``)."""
+    from pathlib import Path
+
+    from comat_core.models.loader import check_model_folder, check_pipeline_folder, is_local, is_tiny, is_world
 
     for name in type(cfg.models).model_fields:
         value = getattr(cfg.models, name)
@@ -122,6 +126,13 @@ def check_model_paths(cfg: ComatConfig) -> None:
                              f"(use a Hugging Face id or an existing folder: {expected})")
         if not os.path.isdir(path) or not any(os.path.isfile(os.path.join(path, m)) for m in markers):
             raise InputError(f"models.{name}: {value} is {_what_is(path)}; expected {expected}")
+        if name == "discriminator":  # always read as an SD1.5 pipeline, whatever models.family is
+            check_pipeline_folder(Path(path), "sd15", f"models.{name}: {value}",
+                                  "the discriminator starts from an SD1.5 UNet: use an SD1.5 pipeline folder")
+        elif name in PIPELINE_FIELDS:
+            check_pipeline_folder(Path(path), cfg.models.family, f"models.{name}: {value}")
+        else:
+            check_model_folder(name, Path(path), f"models.{name}: {value}")
 
 
 def _what_is(path: str) -> str:

@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _split(text: str | None) -> list[str] | None:
-    if not text:
+    """``a, b`` -> ``["a", "b"]``; a flag not given -> None; a given but blank one (``' , '``) -> ``[]``."""
+    if text is None:
         return None
     return [s.strip() for s in text.split(",") if s.strip()]
 
@@ -235,6 +236,11 @@ def _dispatch(args) -> int:
     if args.command == "export":
         return _export(cfg, args.to)
     stages, force = _split(args.stages), _split(args.force)
+    if stages == []:  # an empty variable must not widen the run to every stage
+        from comat_core.errors import ConfigError
+
+        raise ConfigError(f"--stages {args.stages!r} names no stage; give stages such as "
+                          f"--stages {','.join(cfg.stage_order()[:2])}, or leave --stages out to run them all")
     if args.part:
         check_part(cfg, stages, force, args.part)  # a bad --part is named before anything else
     preflight(cfg, stages=stages, force=force)

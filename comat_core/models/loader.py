@@ -239,6 +239,11 @@ def _load(what: str, name: str, load: Callable[[str], T], field: str | None = No
             f"cannot load {what} {name!r} from the Hugging Face Hub ({detail}); "
             f"check the id and the network, or set {target} to a local folder"
         ) from exc
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise InputError(f"{field or 'the model setting'}: {name} needs its own code, which comat never runs; use a "
+                         "model made of diffusers' and transformers' own classes") from exc
 
 
 def _hf_model(cls, what: str, name: str, dtype, device, field: str | None):
@@ -273,7 +278,7 @@ def load_sd_pipeline(
     if family not in classes:
         raise ConfigError(f"unknown model family {family!r}: use sd15 or sdxl")
     cls = classes[family]
-    _check_pipeline_class(name, cls.__name__, field)
+    _check_pipeline_class(name, family, field)
     dtype = torch_dtype(dtype)
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
     if unet_override is not None:
@@ -294,18 +299,100 @@ def load_sd_pipeline(
     return pipe
 
 
-def _check_pipeline_class(name: str, expected: str, field: str | None) -> None:
+def _check_pipeline_class(name: str, family: str, field: str | None) -> None:
     """A local pipeline folder of the other family fails here, with a message, not deep inside diffusers."""
-    import json
-
     if not (is_tiny(name) or is_local(name)):
         return
-    index = Path(resolve_model(name, field)) / "model_index.json"
-    if not index.is_file():
+    root = Path(resolve_model(name, field))
+    if not (root / "model_index.json").is_file():
         raise InputError(f"{name} is not a diffusers pipeline folder (no model_index.json)")
-    found = json.loads(index.read_text()).get("_class_name")
-    if found != expected:
-        raise InputError(f"{name} holds a {found}, but the configured model family needs a {expected}")
+    check_pipeline_folder(root, family, f"{field or 'the model setting'}: {name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# What a local model folder must hold, checked before any work (comat_core.preflight) and before loading:
+# readable JSON, the family it is loaded as, safetensors weights, and no code of its own.
+
+PIPELINE_CLASSES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+# the components load_sd_pipeline reads from a pipeline folder; the first ones carry weights
+_WEIGHTED_PARTS = {"sd15": ("unet", "vae", "text_encoder"), "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2")}
+_OTHER_PARTS = {"sd15": ("tokenizer", "scheduler"), "sdxl": ("tokenizer", "tokenizer_2", "scheduler")}
+_LIBRARIES = (None, "diffusers", "transformers")
+# the ``model_type`` of each transformers model setting (its config.json)
+MODEL_TYPES = {"captioner": "blip", "vqa": "blip", "clip": "clip", "grounding_dino": "grounding-dino", "sam": "sam"}
+
+
+def _read_json(path: Path, label: str) -> dict:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(f"{label}: {path.name} cannot be read as JSON ({detail}); re-download the model") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{label}: {path.name} holds a {type(data).__name__}, not a JSON object; re-download the model")
+    return data
+
+
+def _refuse_custom_code(root: Path, label: str, config: dict | None = None) -> None:
+    """Python files in the folder (or its component folders), or a config's ``auto_map``: the model would need
+    its own code, which comat never runs (no trust_remote_code)."""
+    code = sorted(p.relative_to(root).as_posix() for p in [*root.glob("*.py"), *root.glob("*/*.py")])
+    if code or (config or {}).get("auto_map"):
+        what = code[0] if code else "config.json auto_map"
+        raise InputError(f"{label} needs its own code ({what}), which comat never runs; use a model made of "
+                         "diffusers' and transformers' own classes")
+
+
+def _require_weights(folder: Path, label: str) -> None:
+    if not any(folder.glob("*.safetensors")):
+        raise InputError(f"{label}: {folder.name}/ holds no .safetensors weights (comat reads only safetensors); "
+                         "download them (hf download ... --include '*.safetensors')")
+
+
+def check_pipeline_folder(root: Path, family: str, label: str, fix: str | None = None) -> None:
+    """A diffusers pipeline folder of ``family``: its model_index.json names that family's pipeline class, every
+    component load_sd_pipeline reads is a diffusers or transformers class with its folder, and the models have
+    safetensors weights. ``label`` names the setting in messages, e.g. ``models.pretrained: /data/sd15``;
+    ``fix`` says what to do about a pipeline of another family."""
+    index = _read_json(root / "model_index.json", label)
+    _refuse_custom_code(root, label)
+    expected = PIPELINE_CLASSES[family]
+    if index.get("_class_name") != expected:
+        fix = fix or f"use a pipeline folder of the {family} family, or set models.family to the folder's family"
+        raise InputError(f"{label} holds a {index.get('_class_name')}, but it is loaded as a {expected}; {fix}")
+    for part, entry in index.items():
+        if isinstance(entry, list) and len(entry) == 2 and entry[0] not in _LIBRARIES and part != "safety_checker":
+            raise InputError(f"{label} needs its own code ({part} comes from {entry[0]!r}), which comat never runs; "
+                             "use a model made of diffusers' and transformers' own classes")
+    for part in _WEIGHTED_PARTS[family] + _OTHER_PARTS[family]:
+        entry = index.get(part)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0]) or not (root / part).is_dir():
+            raise InputError(f"{label}: the pipeline has no {part} (model_index.json and the {part}/ folder); "
+                             "re-download the whole pipeline")
+        if part in _WEIGHTED_PARTS[family]:
+            _require_weights(root / part, label)
+
+
+def check_model_folder(field: str, root: Path, label: str) -> None:
+    """A local folder for ``models.<field>`` other than a pipeline: readable config.json, the model type the
+    setting needs (a VAE for ``vae``), safetensors weights, no code of its own."""
+    if field == "vae":  # a VAE folder, or a pipeline folder whose vae/ is read (as load_vae does)
+        folder = root / "vae" if (root / "model_index.json").is_file() else root
+        config = _read_json(folder / "config.json", label)
+        _refuse_custom_code(root, label, config)
+        if config.get("_class_name") != "AutoencoderKL":
+            raise InputError(f"{label} holds a {config.get('_class_name')}, not an AutoencoderKL; use a VAE folder")
+        _require_weights(folder, label)
+        return
+    config = _read_json(root / "config.json", label)
+    _refuse_custom_code(root, label, config)
+    expected = MODEL_TYPES.get(field)
+    if expected and config.get("model_type") != expected:
+        raise InputError(f"{label} holds a {config.get('model_type')} model, but models.{field} needs a {expected} "
+                         "model")
+    _require_weights(root, label)
 
 
 def _load_unet(name: str, dtype: torch.dtype):

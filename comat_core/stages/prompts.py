@@ -13,6 +13,7 @@ lines before deduplication.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import logging
 import re
@@ -33,6 +34,10 @@ BUILTIN = "builtin:"
 # A prompt is a sentence: a longer line is a wrong file (a JSON dump, a book), and every model that
 # reads prompts (entity parser, tokenizers, captioner loss) pays for its length.
 MAX_LINE_CHARS = 2000
+# A prompt file is read in chunks up to this size (about 600,000 prompts of 100 characters): a bigger one
+# is a wrong file, and larger prompt sets are split over several files.
+MAX_FILE_BYTES = 64 * 2**20
+_CHUNK_BYTES = 2**20
 
 
 @dataclass
@@ -84,6 +89,52 @@ def expand_source(source: str, storage_options: dict | None = None) -> list[str]
     return [m if "://" in m or proto in ("file", "local") else f"{proto}://{m}" for m in matches]
 
 
+def read_prompt_bytes(url: str, storage_options: dict | None = None) -> bytes:
+    """The bytes of one prompt file, read in chunks, at most ``MAX_FILE_BYTES``.
+
+    Only a regular file is opened: a device (``/dev/zero``) would never end and a FIFO would block until
+    a writer comes. A file over the limit, or one that grows past it while it is read, is refused.
+    """
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise InputError(f"prompt file not found: {url}") from None
+    if info.get("type") == "directory":
+        raise InputError(f"prompt file {url} is a folder; give a file (one prompt per line) or a glob")
+    if info.get("type") != "file":
+        raise InputError(f"prompt file {url} is {_special_kind(path)}, not a regular file; give a file "
+                         "(one prompt per line)")
+    too_big = InputError(f"prompt file {url} is larger than {MAX_FILE_BYTES // 2**20} MiB; a prompt file holds one "
+                         "prompt per line: split a larger prompt set into several files")
+    if (info.get("size") or 0) > MAX_FILE_BYTES:
+        raise too_big
+    chunks, total = [], 0
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(_CHUNK_BYTES):
+            total += len(chunk)
+            if total > MAX_FILE_BYTES:
+                raise too_big
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _special_kind(path: str) -> str:
+    """What a local path that is neither a file nor a folder is, for messages."""
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "not a file"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a socket" if stat.S_ISSOCK(mode) else "not a file"
+
+
 def read_lines(url: str, storage_options: dict | None = None) -> list[str]:
     """One prompt per line; see ``numbered_lines``."""
     return [text for _, text in numbered_lines(url, storage_options)]
@@ -92,16 +143,13 @@ def read_lines(url: str, storage_options: dict | None = None) -> list[str]:
 def numbered_lines(url: str, storage_options: dict | None = None) -> list[tuple[int, str]]:
     """``(line number, prompt)`` of every non-blank line, whitespace normalised.
 
-    Errors, each naming the file (and line): not found, a folder, not UTF-8, empty, a line longer than
-    ``MAX_LINE_CHARS``, a control character (NUL, escape, ...; tabs and line breaks are whitespace).
+    Errors, each naming the file (and line): not found, a folder, not a regular file, over ``MAX_FILE_BYTES``,
+    not UTF-8, empty, a line longer than ``MAX_LINE_CHARS``, a control character (NUL, escape, ...; tabs and
+    line breaks are whitespace). A UTF-8 byte-order mark (Windows editors write one) is not text: it is dropped.
     """
-    try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise InputError(f"prompt file not found: {url}") from None
-    except IsADirectoryError:
-        raise InputError(f"prompt file {url} is a folder; give a file (one prompt per line) or a glob") from None
+    data = read_prompt_bytes(url, storage_options)
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -130,8 +178,7 @@ def sources_fingerprint(cfg: PromptsConfig, storage_options: dict | None = None)
         files = {}
         for source in sources:
             for url in expand_source(source, storage_options):
-                with fsspec.open(url, "rb", **(storage_options or {})) as f:
-                    files[_display(url)] = hashlib.sha256(f.read()).hexdigest()
+                files[_display(url)] = hashlib.sha256(read_prompt_bytes(url, storage_options)).hexdigest()
         out[group] = files
     if not cfg.sources:
         raise InputError("prompts.sources is empty; pass --prompts FILE_OR_GLOB (one prompt per line)")
@@ -167,6 +214,10 @@ def collect_prompts(cfg: PromptsConfig, storage_options: dict | None = None) -> 
             seen.add(line.text)
             unique.append(line)
     kept = [p for p in unique if match_key(p.text) not in excluded]
+    if not kept:  # nothing to train on: say so here, not as an index error stages later
+        files = ", ".join(list(per_source)[:3]) + (", …" if len(per_source) > 3 else "")
+        raise InputError(f"the prompt files ({files}) hold no training prompt: all {len(unique)} "
+                         "unique prompt(s) are evaluation prompts (prompts.exclude); give training prompts with --prompts")
     counts = {
         "lines_read": len(lines),
         "per_source": per_source,

@@ -10,11 +10,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-import fsspec
-
 from comat_core.config import EvaluateConfig
 from comat_core.errors import InputError
-from comat_core.stages.prompts import BUILTIN, expand_source, read_lines
+from comat_core.stages.prompts import BUILTIN, expand_source, read_lines, read_prompt_bytes
 from comat_core.stages.evaluate.complex import ComplexRouting
 
 ROUTING_FILES = {
@@ -53,9 +51,9 @@ def read_prompt_file(prompt_dir: str, filename: str, storage_options: dict | Non
     urls = expand_source(name, None if name.startswith(BUILTIN) else storage_options)
     if len(urls) != 1:
         raise InputError(f"evaluation prompt file {name} matches {len(urls)} files; name one file per category")
-    with fsspec.open(urls[0], "rb", **({} if name.startswith(BUILTIN) else (storage_options or {}))) as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    return PromptFile(name, digest, read_lines(urls[0], None if name.startswith(BUILTIN) else storage_options))
+    options = None if name.startswith(BUILTIN) else storage_options
+    digest = hashlib.sha256(read_prompt_bytes(urls[0], options)).hexdigest()
+    return PromptFile(name, digest, read_lines(urls[0], options))
 
 
 def load_eval_prompts(cfg: EvaluateConfig, storage_options: dict | None = None) -> EvalPrompts:
