@@ -76,7 +76,8 @@ class StorageConfig(_Section):
     root: str = Field("./comat-artifacts", description="fsspec URL: a local path, s3://bucket/prefix, gs://…, memory://…")
     options: dict[str, Any] = Field(
         default_factory=dict,
-        description="fsspec storage options (e.g. {endpoint_url: …}); credentials belong in the environment")
+        description="fsspec storage options (e.g. {endpoint_url: …}); credentials are refused here: they come from "
+                    "the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)")
     timeout: float = Field(
         300.0, ge=0, description="seconds one remote storage operation (read, write, list) may take before it fails "
                                  "and the stage is retried; a slow one is logged while it waits (0: no bound)")
@@ -90,6 +91,13 @@ class StorageConfig(_Section):
         if sep and not rest.strip("/"):  # "s3://" alone would become a local folder named "s3:"
             raise ValueError(f"{v.strip()!r} names no bucket or location; give e.g. {scheme}://bucket/prefix")
         return v.strip()
+
+    @field_validator("options")
+    @classmethod
+    def _no_credentials(cls, v: dict) -> dict:
+        from comat_core.store.credentials import check_storage_options
+
+        return check_storage_options(v)
 
 
 class ModelsConfig(_Section):

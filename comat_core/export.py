@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from comat_core.config import ComatConfig
-from comat_core.errors import InputError, StorageError
+from comat_core.errors import InputError, IntegrityError, StorageError
 from comat_core.stages.registry import compute_key
 from comat_core.store.storage import ArtifactStore
 
@@ -32,6 +32,8 @@ def export(cfg: ComatConfig, store: ArtifactStore, to: str | Path) -> dict:
         raise InputError(f"--to {to}: exists and is not an empty folder; choose a new one")
     try:
         train = store.reader("train", compute_key(cfg, store, "train"))
+    except IntegrityError:
+        raise  # a corrupt or tampered store says so itself
     except StorageError as e:
         raise StorageError(f"nothing to export: {e}") from None
     if not train.list(prefix="lora/"):

@@ -198,10 +198,17 @@ def _image_url(store: ArtifactStore, reader: StageReader, rel: str) -> str:
     path = store.path(reader.stage, reader.key, rel)
     if store.is_local:
         return f"file://{path}"
+    from urllib.parse import unquote
+
+    from comat_core.store.credentials import redact
+
     try:
-        return store.fs.sign(path, expiration=SIGNED_URL_SECONDS)
+        signed = store.fs.sign(path, expiration=SIGNED_URL_SECONDS)
     except (NotImplementedError, AttributeError, ValueError):
+        signed = None
+    if signed is None or redact(unquote(signed)) != unquote(signed):  # signed with a session token: it carries it
         return store.url(reader.stage, reader.key, rel)
+    return signed
 
 
 def publish_images(store: ArtifactStore, reader: StageReader, scope: str) -> None:

@@ -132,14 +132,17 @@ def debug_log_path() -> str:
 
 def setup_logging(verbose: bool, command: str) -> str | None:
     """Console: one line per record (tracebacks too with ``-v``). ``run`` also writes the debug log,
-    tracebacks included, so an error shows as one line and its details stay one file away."""
+    tracebacks included, so an error shows as one line and its details stay one file away. Both mask
+    environment credentials (``comat_core/store/credentials.py``)."""
+    from comat_core.store.credentials import add_redaction
+
     root = logging.getLogger()
     drop_logging()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     console = logging.StreamHandler()
     console.setFormatter(logging.Formatter(LOG_FORMAT) if verbose else _NoTraceback(LOG_FORMAT))
     console.comat = True
-    root.addHandler(console)
+    root.addHandler(add_redaction(console))
     if command != "run":
         return None
     path = debug_log_path()
@@ -150,7 +153,7 @@ def setup_logging(verbose: bool, command: str) -> str | None:
         return None  # no debug log on a read-only home: the console still has the one-line errors
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.comat = True
-    root.addHandler(handler)
+    root.addHandler(add_redaction(handler))
     return path
 
 
@@ -206,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
+    from comat_core.store.credentials import redact
+
+    lines = redact(str(e)).strip().splitlines()
     return lines[0] if lines else type(e).__name__
 
 
@@ -214,8 +219,10 @@ def _log_traceback(path: str | None) -> None:
     if path:
         import traceback
 
+        from comat_core.store.credentials import redact
+
         with open(path, "a", encoding="utf-8") as f:
-            traceback.print_exc(file=f)
+            f.write(redact(traceback.format_exc()))
 
 
 def _dispatch(args) -> int:

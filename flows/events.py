@@ -21,8 +21,10 @@ log = logging.getLogger("comat.events")
 def _emit(event: str, resource: dict, payload: dict) -> None:
     from prefect.events import emit_event
 
+    from comat_core.store.credentials import redact_obj
+
     try:
-        emit_event(event=event, resource=resource, payload=payload)
+        emit_event(event=event, resource=redact_obj(resource), payload=redact_obj(payload))
     except Exception as e:  # noqa: BLE001 - an event must never fail the stage it reports
         log.warning("could not emit %s: %s: %s", event, type(e).__name__, e)
 

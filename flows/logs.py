@@ -21,6 +21,8 @@ import sys
 from prefect.exceptions import MissingContextError
 from prefect.logging.handlers import APILogHandler
 
+from comat_core.store.credentials import add_redaction
+
 PROJECT_LOGGER = "comat"
 
 
@@ -46,6 +48,17 @@ def forward_to_runs(level: int = logging.INFO) -> None:
         handler = RunLogHandler()
         handler.setLevel(level)
         logger.addHandler(handler)
+    redact_api_logs()
+
+
+def redact_api_logs() -> None:
+    """Every handler that sends log lines to the Prefect API (ours and Prefect's own run loggers, whose lines
+    quote exceptions) masks environment credentials first (``comat_core/store/credentials.py``)."""
+    for logger in [logging.getLogger(), *[v for v in logging.Logger.manager.loggerDict.values()
+                                          if isinstance(v, logging.Logger)]]:
+        for handler in logger.handlers:
+            if isinstance(handler, APILogHandler):
+                add_redaction(handler)
 
 
 def quiet_libraries() -> None:

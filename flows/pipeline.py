@@ -9,7 +9,8 @@ the stages receive the resolved values, so a worker never needs the YAML file. `
 the run to a subset (kept in pipeline order; their inputs must already be in storage). ``force``
 recomputes the named stages; their dependants recompute when the output changed (new keys), everything else
 is a cache hit. Storage is ``cfg.storage.root``: a local folder, ``s3://bucket/prefix`` (endpoint
-and credentials from the standard AWS variables, ``AWS_ENDPOINT_URL``, or ``storage.options``), …
+from ``AWS_ENDPOINT_URL`` or ``storage.options``, credentials from the standard AWS variables only:
+``storage.options`` refuses them, since this flow's parameters are stored in Prefect's database), …
 
 ``dispatch``:
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from comat_core.store.paths import UnsafePathError, shown
 from comat_core.store.storage import StageWriter
 
 log = logging.getLogger("comat.checkpoint")
@@ -168,10 +169,20 @@ def load_latest_checkpoint(writer: StageWriter, cleanup: bool = True) -> tuple[C
     if not valid:
         return None
     ref = valid[-1]
-    names = [rel for rel in writer.shard_meta(ref.shard)["files"]]
+    names = [_in_folder(rel, ref, writer) for rel in writer.shard_meta(ref.shard)["files"]]
     store = writer.store
     files = {rel.rsplit("/", 1)[-1]: store.read_bytes(writer.path(rel)) for rel in names}
     return ref, files
+
+
+def _in_folder(rel: str, ref: CheckpointRef, writer: StageWriter) -> str:
+    """A file a checkpoint's shard manifest lists must lie in that checkpoint's folder (no ``/`` in its name
+    below it, since files are keyed by name on resume); anything else is refused, not read."""
+    if not rel.startswith(ref.folder + "/") or "/" in rel[len(ref.folder) + 1:]:
+        raise UnsafePathError(f"checkpoint shard {writer.shard_manifest_path(ref.shard)}: refused the path {shown(rel)} "
+                              f"(not a file of {ref.folder}/); remove that checkpoint or recompute with "
+                              "comat run --force train")
+    return rel
 
 
 def prune_checkpoints(writer: StageWriter, keep_last: int) -> list[int]:

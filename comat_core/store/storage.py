@@ -36,6 +36,7 @@ from typing import Any, Iterable
 import fsspec
 
 from comat_core.errors import IntegrityError, StorageError
+from comat_core.store.paths import check_inside, local_destination, safe_relpath
 
 log = logging.getLogger("comat.storage")
 
@@ -114,7 +115,13 @@ class ArtifactStore:
 
     # ---------------------------------------------------------------- paths
     def path(self, *parts: str) -> str:
-        return "/".join([self.root, *[p.strip("/") for p in parts if p]])
+        """``root/part/...``; every part is checked (``safe_relpath``): none may lead outside the root."""
+        return "/".join([self.root, *[safe_relpath(p.strip("/"), f"store {self.root_url}") for p in parts if p]])
+
+    def stage_file(self, stage: str, key: str, rel: str) -> str:
+        """The path of ``rel`` in a stage's folder: a checked name, and on local disk no link leading out."""
+        path = self.path(stage, key, rel)
+        return check_inside(self.path(stage, key), path, f"stage folder {self.url(stage, key)}") if self.is_local else path
 
     def url(self, *parts: str) -> str:
         p = self.path(*parts)
@@ -279,7 +286,7 @@ class ArtifactStore:
 
     # ---------------------------------------------------------------- manifests
     def manifest_path(self, stage: str, key: str) -> str:
-        return self.path(stage, key, MANIFEST)
+        return self.stage_file(stage, key, MANIFEST)
 
     def read_manifest(self, stage: str, key: str) -> dict | None:
         """The stage's manifest, or None when the stage is incomplete or absent (or its manifest unreadable)."""
@@ -310,7 +317,15 @@ class ArtifactStore:
             log.warning("%s manifest %s cannot be read (%s); treating it as incomplete, it will be recomputed",
                         what, self.url_of(path), _one_line(e))
             return None
-        return raw, parsed
+        return raw, self.checked_manifest(parsed, path, what)
+
+    def checked_manifest(self, parsed: dict, path: str, what: str) -> dict:
+        """``parsed`` when every file it lists is a safe relative path; else ``UnsafePathError`` naming both.
+
+        Checked here, where every manifest is read, so no reader, writer or export ever joins such a name."""
+        for rel in parsed.get("files", {}):
+            safe_relpath(rel, f"{what} manifest {self.url_of(path)}")
+        return parsed
 
     def url_of(self, path: str) -> str:
         """The URL of a path under this store (a local path as is)."""
@@ -354,7 +369,7 @@ class StageWriter:
         return self.store.stage_url(self.stage, self.key)
 
     def path(self, rel: str) -> str:
-        return self.store.path(self.stage, self.key, rel)
+        return self.store.stage_file(self.stage, self.key, rel)
 
     # ---------------------------------------------------------------- files
     def put_bytes(self, rel: str, data: bytes) -> FileEntry:
@@ -456,7 +471,8 @@ class StageWriter:
         self.store.write_bytes(self.shard_manifest_path(name), json.dumps(manifest, indent=2).encode())
 
     def shard_meta(self, name: str) -> dict:
-        return json.loads(self.store.read_bytes(self.shard_manifest_path(name)))
+        path = self.shard_manifest_path(name)
+        return self.store.checked_manifest(json.loads(self.store.read_bytes(path)), path, "shard")
 
     def committed_shards(self) -> list[str]:
         """Shards whose manifest exists and can be read (an unreadable one is logged and left out)."""
@@ -509,7 +525,7 @@ class StageReader:
         if rel not in self.files:
             raise IntegrityError(f"{self.url}: {rel} is not listed in the manifest")
         try:
-            data = self.store.read_bytes(self.store.path(self.stage, self.key, rel))
+            data = self.store.read_bytes(self.store.stage_file(self.stage, self.key, rel))
         except FileNotFoundError:
             raise IntegrityError(f"{self.url}: {rel} is listed in the manifest but missing; recompute it with "
                                  f"comat run --force {self.stage}") from None
@@ -558,7 +574,7 @@ class StageReader:
         """Materialise a sub-folder (verified) on local disk, e.g. for ``from_pretrained``."""
         local_dir = Path(local_dir)
         for f in self.list(prefix=rel.rstrip("/") + "/"):
-            dst = local_dir / f[len(rel.rstrip("/")) + 1:]
+            dst = Path(local_destination(local_dir, f[len(rel.rstrip("/")) + 1:], f"manifest of {self.url}"))
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_bytes(self.read_bytes(f))
         return local_dir
