@@ -66,6 +66,7 @@ from comat_core.store.checkpoint import (
     unflatten_state,
 )
 from comat_core.config import ComatConfig
+from comat_core.progress import timing_text
 from comat_core.errors import ConfigError, InputError
 from comat_core.method.losses.attribute import EntityTarget, attribute_concentration_loss
 from comat_core.method.losses.fidelity import discriminator_gan_loss, generator_gan_loss
@@ -76,6 +77,7 @@ from comat_core.runtime import DTYPES, mixed_precision, resolve_device
 from comat_core.store.storage import StageWriter
 
 log = logging.getLogger("comat.train")
+STEP_TIMING = "elapsed {elapsed}, ETA {remaining}, {rate_fmt}"
 
 ProgressFn = Callable[[int, int, str], None]
 SAMPLES_SHARD_PREFIX = "samples-step-"
@@ -694,6 +696,8 @@ def train(cfg: ComatConfig, sources: TrainingSources, writer: StageWriter, scrat
         accelerator.init_trackers("comat", config=_flat_config(cfg))
         if loop.step == 0:
             write_validation(tr, writer, 0)
+    first_step, t_loop = loop.step, time.time()  # the rate (hence the ETA) counts this run's steps only
+    progress(loop.step, tc.max_steps, f"resumed at step {loop.step}" if loop.step else "starting")
     while loop.step < tc.max_steps:
         step, epoch = loop.step, loop.position // len(data)
         positions = order.take(loop.position, global_batch)
@@ -714,7 +718,9 @@ def train(cfg: ComatConfig, sources: TrainingSources, writer: StageWriter, scrat
         loop.metrics.append(logs)
         if main and (loop.step % tc.log_every == 0 or loop.step == tc.max_steps):
             accelerator.log(_numeric(logs), step=loop.step)
-            log.info("step %d/%d: %s", loop.step, tc.max_steps, step_line(logs))
+            rate = (loop.step - first_step) / max(time.time() - t_loop, 1e-9)
+            log.info("step %d/%d: %s | %s", loop.step, tc.max_steps, step_line(logs),
+                     timing_text(loop.step, tc.max_steps, time.time() - t_start, rate, "step", STEP_TIMING))
         progress(loop.step, tc.max_steps, f"step {loop.step}/{tc.max_steps} loss {logs['loss']:.4f}")
         if main and (loop.step % tc.validation_every == 0 or loop.step == tc.max_steps):
             write_validation(tr, writer, loop.step)
