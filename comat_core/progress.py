@@ -25,7 +25,7 @@ from typing import Callable
 
 ProgressFn = Callable[[int, int, str], None]
 LINE_FORMAT = "{n_fmt}/{total_fmt} {percentage:3.0f}% | elapsed {elapsed} | ETA {remaining} | {rate_fmt}"
-UNITS = {"train": "step", "gan_gt": "img", "masks": "img", "evaluate": "img"}
+UNITS = {"train": "step", "gan_gt": "img", "masks": "img", "evaluate": "shard"}
 
 
 def timing_text(done: int, total: int, elapsed: float, rate: float | None = None, unit: str = "it",
