@@ -632,9 +632,24 @@ def write_validation(tr: Training, writer: StageWriter, step: int) -> str | None
     if not tr.cfg.train.validation_prompts:
         return None
     rel = f"samples/step-{step:06d}.png"
-    writer.put_image(rel, validation_grid(tr, list(tr.cfg.train.validation_prompts), tr.cfg.train.seed))
+    image = validation_grid(tr, list(tr.cfg.train.validation_prompts), tr.cfg.train.seed)
+    writer.put_image(rel, image)
     writer.commit_shard(f"{SAMPLES_SHARD_PREFIX}{step:06d}", [rel], meta={"step": step})
+    log_validation_image(tr.accelerator, image, step)
     return rel
+
+
+def log_validation_image(accelerator, image, step: int) -> None:
+    """The validation grid into the active trackers that show images (TensorBoard's Images tab, W&B),
+    at the step it was drawn; nothing when no tracker is active (the tracking extra is optional)."""
+    import numpy as np
+
+    for tracker in getattr(accelerator, "trackers", None) or []:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", np.asarray(image.convert("RGB")), step, dataformats="HWC")
+            tracker.writer.flush()
+        elif tracker.name == "wandb":
+            tracker.log_images({"validation": [image]}, step=step)
 
 
 def export(tr: Training, writer: StageWriter, scratch: Path, loop: LoopState) -> list[str]:
