@@ -22,7 +22,8 @@ from comat_core.errors import InputError, IntegrityError, StorageError
 from comat_core.stages.registry import compute_key
 from comat_core.store.storage import ArtifactStore
 
-EVALUATION_FILES = ("report.md", "summary.json", "grid.png")
+EVALUATION_FILES = ("report.md", "summary.json", "grid.png", "chart.png")
+PICTURES = ("grid.png", "chart.png")  # also beside the card, which embeds the report and so its pictures
 
 
 def export(cfg: ComatConfig, store: ArtifactStore, to: str | Path) -> dict:
@@ -52,6 +53,7 @@ def export(cfg: ComatConfig, store: ArtifactStore, to: str | Path) -> dict:
             if name in evaluation.files:
                 (tmp / "evaluation").mkdir(exist_ok=True)
                 (tmp / "evaluation" / name).write_bytes(evaluation.read_bytes(name))
+        _pictures_beside_card(tmp)
         written["evaluation"] = evaluation.url
     prompts = store.reader("prompts", compute_key(cfg, store, "prompts"))
     (tmp / "README.md").write_text(model_card(cfg, train.summary, prompts.summary,
@@ -62,6 +64,14 @@ def export(cfg: ComatConfig, store: ArtifactStore, to: str | Path) -> dict:
     tmp.rename(to)
     written["to"] = str(to)
     return written
+
+
+def _pictures_beside_card(folder: Path) -> None:
+    """Copy the evaluation's grid and chart next to ``README.md``: the card embeds the report, whose
+    image links (``![..](chart.png)``) are relative to the report's folder, so they resolve there too."""
+    for name in PICTURES:
+        if (folder / "evaluation" / name).is_file():
+            shutil.copyfile(folder / "evaluation" / name, folder / name)
 
 
 def _complete_evaluation(cfg: ComatConfig, store: ArtifactStore):

@@ -46,7 +46,7 @@ from comat_core.store.storage import ArtifactStore, StageReader
 
 log = logging.getLogger("comat.artifacts")
 
-IMAGE_PATTERNS = ("preview*.png", "*overlay*.png", "samples/*.png", "*grid*.png", "*side*by*side*.png")
+IMAGE_PATTERNS = ("preview*.png", "*overlay*.png", "samples/*.png", "chart.png", "*grid*.png", "*side*by*side*.png")
 MAX_IMAGES = 8
 INLINE_LIMIT = 500_000  # bytes: larger images are linked, not embedded
 MAX_CURVE_ROWS = 200
@@ -209,6 +209,18 @@ def _image_url(store: ArtifactStore, reader: StageReader, rel: str) -> str:
     if signed is None or redact(unquote(signed)) != unquote(signed):  # signed with a session token: it carries it
         return store.url(reader.stage, reader.key, rel)
     return signed
+
+
+def evaluation_pictures(store: ArtifactStore, stage_urls: dict[str, str]) -> list[str]:
+    """The evaluation's chart (base vs tuned per category, with intervals) and grid, for the run summary:
+    embedded when small, else linked; [] when the run has no complete evaluation."""
+    url = stage_urls.get("evaluate")
+    key = url.rstrip("/").rsplit("/", 1)[-1] if url else None
+    manifest = store.read_manifest("evaluate", key) if key else None
+    if manifest is None:
+        return []
+    reader = StageReader(store, "evaluate", key, manifest)
+    return [_image_markdown(store, reader, rel) for rel in ("chart.png", "grid.png") if rel in reader.files]
 
 
 def publish_images(store: ArtifactStore, reader: StageReader, scope: str) -> None:

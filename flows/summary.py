@@ -53,7 +53,8 @@ def closing_lines(cfg: ComatConfig, store: ArtifactStore, results: dict[str, str
     lines = []
     if "evaluate" in results:
         lines += [f"report: {store_path(store, results['evaluate'], 'report.md')}",
-                  f"grid:   {store_path(store, results['evaluate'], 'grid.png')}"]
+                  f"grid:   {store_path(store, results['evaluate'], 'grid.png')}",
+                  f"chart:  {store_path(store, results['evaluate'], 'chart.png')}"]
     if "train" not in results:
         return lines
     lora = store_path(store, results["train"], "lora")
@@ -98,7 +99,7 @@ def _fmt(value) -> str:
 
 def summary_markdown(cfg: ComatConfig, store: ArtifactStore, rows: list[dict], headline: list[dict],
                      closing: list[str], started: float) -> str:
-    from flows.artifacts import folder_link
+    from flows.artifacts import evaluation_pictures, folder_link
 
     total = time.time() - started
     counts = {s: sum(r["state"] == s for r in rows) for s in ("computed", "cached", "failed")}
@@ -116,6 +117,7 @@ def summary_markdown(cfg: ComatConfig, store: ArtifactStore, rows: list[dict], h
             ci = f"[{_fmt(h['ci95_low'])}, {_fmt(h['ci95_high'])}]"
             out.append(f"| {h['category']} | {h['metric']} | {_fmt(h['base'])} | {_fmt(h['tuned'])} | "
                        f"{_fmt(h['delta'])} | {ci} | {_fmt(h['pairs'])} |")
+        out += ["", *evaluation_pictures(store, {r["stage"]: r["url"] for r in rows if r["state"] != "failed"})]
     if closing:
         out += ["", "### Outputs", "", "```", *closing, "```"]
     return "\n".join(out)

@@ -16,7 +16,8 @@ from comat_core.stages.evaluate.complex import Complex, ComplexRouting, combine,
 from comat_core.stages.evaluate.coverage import caption_nll, to_unit_tensor
 from comat_core.stages.evaluate.metrics import EvalSample, Metric, MetricEnv, ScoringModels, headline_metric, metrics_for
 from comat_core.stages.evaluate.prompt_sets import load_eval_prompts
-from comat_core.stages.evaluate.report import bootstrap_ci, paired_deltas, parse_table, summarise
+from comat_core.stages.evaluate.report import (bootstrap_ci, chart_image, chart_rows, grid_headers, grid_image,
+                                              grid_layout, paired_deltas, parse_table, summarise)
 from comat_core.stages.evaluate.spatial import (
     NEAR_DISTANCE,
     Box,
@@ -389,8 +390,13 @@ def test_evaluate_writes_scores_summary_report_and_grid(uninterrupted):
     assert summary["prompt_files"]["color"]["file"] == "builtin:t2i-compbench/color_val.txt"
     assert summary["models"]["lora"]["fingerprint"].startswith("train:")
     assert summary["results"]["color"]["metrics"]["concept_nll"]["higher_is_better"] is False
-    grid = reader.read_image("grid.png")
-    assert grid.size == (2 * 64 + 4, 2 * 64 + 4)
+    grid = reader.read_image("grid.png")  # labelled: a header per column, the rows named
+    layout = grid_layout(grid_headers(summary["grid"]), (64, 64))
+    assert grid.size == layout.size and grid.size[1] > 2 * layout.cell_h + layout.header_h - 1
+    assert summary["grid"][0]["prompt"].split()[0] in " ".join(layout.headers[0])
+    assert reader.read_image("chart.png").size[0] > 0
+    report = reader.read_bytes("report.md").decode()
+    assert "(chart.png)" in report and "(grid.png)" in report  # both embedded in the report
 
 
 def test_report_table_equals_the_parquet_rows(uninterrupted):
@@ -472,3 +478,29 @@ def test_tuned_sdxl_is_the_prefinetuned_unet_plus_the_lora(tmp_path):
     assert any("lora" in n for n, _ in tuned.unet.named_parameters())
     assert not any("lora" in n for n, _ in base.unet.named_parameters())
     assert type(base.scheduler).__name__ == "DDPMScheduler"
+
+
+def test_the_grid_layout_makes_room_for_its_labels():
+    from PIL import Image
+
+    short, long = ["color #0 seed 0: a red car"], ["color #0 seed 0: " + "a green bench beside a red car " * 3]
+    small, tall = grid_layout(short, (64, 64)), grid_layout(long, (64, 64))
+    assert tall.size[1] > small.size[1] and len(tall.headers[0]) > len(small.headers[0])
+    assert small.size[0] > small.cell_w and small.cell_w >= 160  # a margin for "base"/"tuned"; enlarged to fit text
+    with_verdicts = grid_layout(short, (64, 64), with_labels=True)
+    assert with_verdicts.size[1] > small.size[1]
+    image = Image.new("RGB", (64, 64), "white")
+    grid = grid_image([image], [image], headers=short)
+    assert grid.size == small.size
+    # the header is drawn: its rows hold dark pixels, the same rows of an unlabelled grid do not
+    header = grid.crop((small.margin, 0, small.size[0], small.header_h - 2)).convert("L")
+    assert min(header.getdata()) < 100
+
+
+def test_the_chart_draws_one_row_per_category_with_its_interval():
+    results = {c: {"headline_metric": "m", "metrics": {"m": {"base": 0.4, "tuned": 0.5, "delta": 0.1,
+                                                             "ci95": [0.02, 0.18], "n_pairs": 8}}}
+               for c in ("color", "shape", "texture")}
+    one, three = chart_image({"color": results["color"]}), chart_image(results)
+    assert three.size[1] > one.size[1]
+    assert [r["category"] for r in chart_rows(results)] == ["color", "shape", "texture"]

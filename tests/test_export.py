@@ -87,6 +87,15 @@ def test_export_carries_the_evaluation_report_once_evaluated(capsys, trained, tm
     assert table and table[0] in card and "Not evaluated yet" not in card
     assert "\n### Evaluation: base vs tuned" in card  # the report's headings sit under the card's own
     assert "with evaluation" in stdout
+    # the grid and the chart: beside the report and beside the card, embedded in both
+    for name in ("grid.png", "chart.png"):
+        assert (out / name).is_file() and (out / "evaluation" / name).is_file()
+        assert f"]({name})" in card and f"]({name})" in report
+    from flows.artifacts import evaluation_pictures  # the run summary artifact embeds the same two pictures
+
+    pictures = evaluation_pictures(store, {"evaluate": store.stage_url("evaluate", compute_key(cfg, store, "evaluate"))})
+    assert [p.split("**")[1] for p in pictures] == ["chart.png", "grid.png"]
+    assert all("](data:image/png;base64," in p for p in pictures)
 
 
 def test_sdxl_export_carries_the_prefinetuned_unet_the_lora_was_trained_on(capsys, tmp_path):

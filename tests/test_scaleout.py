@@ -226,7 +226,8 @@ def _losses(root: Path, cfg) -> list[tuple[int, float, str]]:
 
 
 @pytest.mark.slow
-def test_two_process_training_checkpoints_resumes_with_one_and_matches(inputs_root, tmp_path):
+def test_two_process_training_checkpoints_resumes_with_one_and_matches(inputs_root, tmp_path, capsys, caplog):
+    caplog.set_level("INFO", logger="comat")
     roots = {name: tmp_path / name / "store" for name in ("interrupted", "single", "launched")}
     for root in roots.values():
         shutil.copytree(inputs_root, root)
@@ -252,7 +253,15 @@ def test_two_process_training_checkpoints_resumes_with_one_and_matches(inputs_ro
     assert resumed.manifest["summary"]["steps"] == 3
 
     single = run_stage(config(roots["single"], *one), store["single"], "train")
+    caplog.clear()
+    capsys.readouterr()
     launched = run_stage(config(roots["launched"], *two), store["launched"], "train")
+    # rank 0's step lines reach this process's log, with elapsed time and ETA; no library bars from the children
+    steps = [r.getMessage() for r in caplog.records if r.name == "comat.train"]
+    assert [int(m.group(1)) for m in map(re.compile(r"step (\d)/3: loss .* \| elapsed \d\d:\d\d, ETA \d\d:\d\d").match,
+                                         steps) if m] == [1, 2, 3], steps
+    printed = capsys.readouterr()
+    assert not re.search(r"Loading (weights|pipeline components)|\d+%\|", printed.out + printed.err), printed.out
     assert launched.manifest["summary"]["global_batch"] == single.manifest["summary"]["global_batch"] == 2
     assert any(f.startswith("lora/") for f in launched.manifest["files"])  # the launched run's files, verified
     reference = _losses(roots["single"], config(roots["single"], *one))

@@ -66,6 +66,7 @@ from comat_core.store.checkpoint import (
     unflatten_state,
 )
 from comat_core.config import ComatConfig
+from comat_core.progress import timing_text
 from comat_core.errors import ConfigError, InputError
 from comat_core.method.losses.attribute import EntityTarget, attribute_concentration_loss
 from comat_core.method.losses.fidelity import discriminator_gan_loss, generator_gan_loss
@@ -76,6 +77,7 @@ from comat_core.runtime import DTYPES, mixed_precision, resolve_device
 from comat_core.store.storage import StageWriter
 
 log = logging.getLogger("comat.train")
+STEP_TIMING = "elapsed {elapsed}, ETA {remaining}, {rate_fmt}"
 
 ProgressFn = Callable[[int, int, str], None]
 SAMPLES_SHARD_PREFIX = "samples-step-"
@@ -627,9 +629,24 @@ def write_validation(tr: Training, writer: StageWriter, step: int) -> str | None
     if not tr.cfg.train.validation_prompts:
         return None
     rel = f"samples/step-{step:06d}.png"
-    writer.put_image(rel, validation_grid(tr, list(tr.cfg.train.validation_prompts), tr.cfg.train.seed))
+    image = validation_grid(tr, list(tr.cfg.train.validation_prompts), tr.cfg.train.seed)
+    writer.put_image(rel, image)
     writer.commit_shard(f"{SAMPLES_SHARD_PREFIX}{step:06d}", [rel], meta={"step": step})
+    log_validation_image(tr.accelerator, image, step)
     return rel
+
+
+def log_validation_image(accelerator, image, step: int) -> None:
+    """The validation grid into the active trackers that show images (TensorBoard's Images tab, W&B),
+    at the step it was drawn; nothing when no tracker is active (the tracking extra is optional)."""
+    import numpy as np
+
+    for tracker in getattr(accelerator, "trackers", None) or []:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", np.asarray(image.convert("RGB")), step, dataformats="HWC")
+            tracker.writer.flush()
+        elif tracker.name == "wandb":
+            tracker.log_images({"validation": [image]}, step=step)
 
 
 def export(tr: Training, writer: StageWriter, scratch: Path, loop: LoopState) -> list[str]:
@@ -690,6 +707,8 @@ def train(cfg: ComatConfig, sources: TrainingSources, writer: StageWriter, scrat
         accelerator.init_trackers("comat", config=_flat_config(cfg))
         if loop.step == 0:
             write_validation(tr, writer, 0)
+    first_step, t_loop = loop.step, time.time()  # the rate (hence the ETA) counts this run's steps only
+    progress(loop.step, tc.max_steps, f"resumed at step {loop.step}" if loop.step else "starting")
     while loop.step < tc.max_steps:
         step, epoch = loop.step, loop.position // len(data)
         positions = order.take(loop.position, global_batch)
@@ -710,7 +729,9 @@ def train(cfg: ComatConfig, sources: TrainingSources, writer: StageWriter, scrat
         loop.metrics.append(logs)
         if main and (loop.step % tc.log_every == 0 or loop.step == tc.max_steps):
             accelerator.log(_numeric(logs), step=loop.step)
-            log.info("step %d/%d: %s", loop.step, tc.max_steps, step_line(logs))
+            rate = (loop.step - first_step) / max(time.time() - t_loop, 1e-9)
+            log.info("step %d/%d: %s | %s", loop.step, tc.max_steps, step_line(logs),
+                     timing_text(loop.step, tc.max_steps, time.time() - t_start, rate, "step", STEP_TIMING))
         progress(loop.step, tc.max_steps, f"step {loop.step}/{tc.max_steps} loss {logs['loss']:.4f}")
         if main and (loop.step % tc.validation_every == 0 or loop.step == tc.max_steps):
             write_validation(tr, writer, loop.step)

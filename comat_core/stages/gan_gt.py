@@ -213,6 +213,7 @@ def run(ctx) -> dict:
     speed = _Throughput()
     base = None
     bar = shard_bar(len(work), len(work) - sum(len(shards[n]) for n in pending), "gan_gt")
+    ctx.progress(bar.n, bar.total, f"{bar.n} images in committed shards")  # the baseline of the rate
     try:
         for n in pending:
             check_fail_hook(ctx, n)

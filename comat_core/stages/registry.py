@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from comat_core.config import ComatConfig
 from comat_core.errors import ComatError, ConfigError, StorageError
+from comat_core.progress import StageProgress
 from comat_core.store.lease import stage_lease
 from comat_core.store.shards import ShardPart
 from comat_core.store.storage import ArtifactStore, StageReader, StageWriter, stage_key
@@ -34,27 +35,6 @@ ProgressFn = Callable[[int, int, str], None]
 
 def _no_progress(done: int, total: int, message: str = "") -> None:
     pass
-
-
-def logged_progress(stage: str, progress: ProgressFn, buckets: int = 10) -> ProgressFn:
-    """``progress`` that also logs one line each time the stage crosses another tenth of its work
-    (and at the end), so a run's log reads as a handful of lines per stage, not one per image."""
-    seen: set[int] = set()
-    last = [0]
-    stage_log = logging.getLogger(f"comat.{stage}")
-
-    def report(done: int, total: int, message: str = "") -> None:
-        progress(done, total, message)
-        if done < last[0]:  # a new phase (evaluate: generation, then scoring)
-            seen.clear()
-        last[0] = done
-        bucket = buckets if not total or done >= total else int(buckets * done / total)
-        if bucket not in seen and (bucket > 0 or done == total):
-            seen.add(bucket)
-            text = message.removeprefix(f"{stage}: ")
-            stage_log.info("%s: %d/%d%s", stage, done, total, f" ({text})" if text else "")
-
-    return report
 
 
 @dataclass(frozen=True)
@@ -285,8 +265,8 @@ def _compute(cfg: ComatConfig, store: ArtifactStore, spec: Stage, stage: str, ke
     ``aside``: the old output of a forced stage, put back if this fails, removed once the new one is committed."""
     inputs = {n: store.reader(n, compute_key(cfg, store, n)) for n in stage_inputs(cfg, stage)}
     writer = store.writer(stage, key)
-    ctx = StageContext(with_world_models(cfg, inputs), store, stage, key, writer, inputs,
-                       logged_progress(stage, progress or _no_progress),
+    display = StageProgress(stage, progress)  # a bar on a terminal, lines with rate and ETA in the log
+    ctx = StageContext(with_world_models(cfg, inputs), store, stage, key, writer, inputs, display,
                        hooks or {}, shard_part)
     log.info("%s: computing %s", stage, writer.url)
     t0 = time.time()
@@ -298,6 +278,7 @@ def _compute(cfg: ComatConfig, store: ArtifactStore, spec: Stage, stage: str, ke
             log.warning("%s: forced recompute failed; the previous output is back at %s", stage, writer.url)
         raise
     finally:
+        display.close()
         if ctx.workdir is not None:
             shutil.rmtree(ctx.workdir, ignore_errors=True)
     summary.setdefault("seconds", round(time.time() - t0, 3))

@@ -73,16 +73,13 @@ def shards_to_do(ctx, names: Sequence[str]) -> list[int]:
 
 
 def shard_bar(total: int, initial: int, desc: str):
-    """A tqdm bar over a stage's images, drawn only on a terminal: on a worker (output to a log) it
-    still counts (stages report ``bar.n``) but writes nothing, so bars never interleave with logs."""
+    """A silent tqdm counter over a stage's images (stages report ``bar.n``); the bar people see, with
+    rate and ETA, is drawn from those reports by ``comat_core.progress.StageProgress``."""
     import os
-    import sys
 
-    from tqdm.auto import tqdm
+    from tqdm.std import tqdm
 
-    quiet = not sys.stderr.isatty()
-    return tqdm(total=total, initial=initial, unit="img", desc=desc, dynamic_ncols=True,
-                file=open(os.devnull, "w") if quiet else None)
+    return tqdm(total=total, initial=initial, unit="img", desc=desc, file=open(os.devnull, "w"))
 
 
 def check_fail_hook(ctx, position: int, name: str = "") -> None:

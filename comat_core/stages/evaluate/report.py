@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import textwrap
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -150,8 +152,8 @@ def render_markdown(summary: dict) -> str:
                   "| model | " + " | ".join(PUBLISHED["SDXL"]) + " |", "|---|" + "---|" * len(PUBLISHED["SDXL"])]
         for name, figures in PUBLISHED.items():
             lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in figures.values()) + " |")
-    lines += ["", "The grid (`grid.png`) shows, column by column, the same prompt and seed: base on top, tuned below.",
-              ""]
+    lines += ["", *picture_lines(), "The grid (`grid.png`) shows, column by column, the same prompt and seed: "
+              "base on top, tuned below.", ""]
     for i, item in enumerate(summary.get("grid", [])):
         verdict = item.get("verdict")
         judged = f" (judge: base {verdict['base']}; tuned {verdict['tuned']})" if verdict else ""
@@ -183,6 +185,15 @@ def _taxonomy_lines(results: dict) -> list[str]:
 
 def fmt_share(value: float | None) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.0f} %"
+
+
+CHART, GRID = "chart.png", "grid.png"
+
+
+def picture_lines() -> list[str]:
+    """The chart and the grid, embedded (both are written beside ``report.md``)."""
+    return ["## Pictures", "", f"![base vs tuned per category, with the 95% bootstrap interval of the difference]({CHART})",
+            "", f"![grid: base (top) and tuned (bottom) per prompt]({GRID})", ""]
 
 
 def _protocol_lines(summary: dict) -> list[str]:
@@ -221,30 +232,145 @@ def parse_table(markdown: str, section: str = "## Scores") -> list[dict]:
 # Grid
 
 
+@dataclass(frozen=True)
+class GridLayout:
+    """Where everything of the labelled grid goes: a header per column (category, prompt), a margin
+    with the row names (base, tuned), image cells, and optional per-image labels under each image."""
+
+    scale: int
+    cell_w: int
+    cell_h: int
+    margin: int  # left: "base" / "tuned"
+    header_h: int
+    label_h: int  # under each image (the judge's verdict), 0 without
+    headers: tuple[tuple[str, ...], ...]  # the wrapped header lines of each column
+    size: tuple[int, int]
+
+
+CHAR_W, LINE_H = 6, 11  # Pillow's default bitmap font
+
+
+def _wrap(text: str, chars: int, lines: int) -> tuple[str, ...]:
+    out = textwrap.wrap(text, max(chars, 4)) or [""]
+    if len(out) > lines:
+        out = out[:lines]
+        out[-1] = out[-1][: max(chars - 1, 3)] + "…"
+    return tuple(out)
+
+
+def grid_layout(columns: Sequence[str], image_size: tuple[int, int], with_labels: bool = False, gap: int = 4,
+                min_width: int = 160, header_lines: int = 4) -> GridLayout:
+    """The grid's geometry for ``columns`` (one header text per column) of ``image_size`` images;
+    small images are enlarged (nearest) to ``min_width`` so the header text fits above them."""
+    scale = max(1, -(-min_width // image_size[0]))
+    cell_w, cell_h = image_size[0] * scale, image_size[1] * scale
+    headers = tuple(_wrap(text, cell_w // CHAR_W, header_lines) for text in columns)
+    header_h = max(len(h) for h in headers) * LINE_H + 6
+    margin, label_h = 44, (2 * LINE_H + 2 if with_labels else 0)
+    width = margin + len(columns) * (cell_w + gap) - gap
+    height = header_h + 2 * (cell_h + label_h) + gap
+    return GridLayout(scale, cell_w, cell_h, margin, header_h, label_h, headers, (width, height))
+
+
+def grid_headers(items: Sequence[dict]) -> list[str]:
+    """A column's header: ``category #prompt (seed): prompt``."""
+    return [f"{it['category']} #{it['prompt_idx']} seed {it['seed']}: {it['prompt']}" for it in items]
+
+
 def grid_image(base: Sequence, tuned: Sequence, gap: int = 4, labels: dict[str, Sequence[str]] | None = None,
-               min_width: int = 160):
+               min_width: int = 160, headers: Sequence[str] | None = None):
     """Base images on the top row, tuned ones below, column by column (same prompt and seed).
 
-    ``labels`` (``{"base": [...], "tuned": [...]}``, one short text per image, e.g. the shapes judge's
-    verdict) are written under each image; small images are then enlarged (nearest) to ``min_width``
-    so the text fits.
+    ``headers`` (one per column: category and prompt, ``grid_headers``) are written above each column
+    and the rows are named; ``labels`` (``{"base": [...], "tuned": [...]}``, one short text per image,
+    e.g. the shapes judge's verdict) are written under each image. See ``grid_layout``.
     """
     from PIL import Image, ImageDraw
 
     if len(base) != len(tuned) or not base:
         raise ValueError("the grid needs as many tuned images as base images, and at least one")
-    scale = max(1, -(-min_width // base[0].size[0])) if labels else 1
-    width, height = base[0].size[0] * scale, base[0].size[1] * scale
-    text = 24 if labels else 0  # two lines of the default font under each image
-    cell = height + text
-    grid = Image.new("RGB", (len(base) * (width + gap) - gap, 2 * cell + gap), "white")
+    layout = grid_layout(list(headers or [""] * len(base)), base[0].size, bool(labels), gap, min_width)
+    grid = Image.new("RGB", layout.size, "white")
     draw = ImageDraw.Draw(grid)
+    chars = layout.cell_w // CHAR_W
     for column, (b, t) in enumerate(zip(base, tuned)):
+        x = layout.margin + column * (layout.cell_w + gap)
+        for k, line in enumerate(layout.headers[column]):
+            draw.text((x + 1, 2 + k * LINE_H), line, fill="black")
         for row, (model, image) in enumerate((("base", b), ("tuned", t))):
-            x, y = column * (width + gap), row * (cell + gap)
-            grid.paste(image.convert("RGB").resize((width, height), Image.NEAREST), (x, y))
+            y = layout.header_h + row * (layout.cell_h + layout.label_h + gap)
+            if column == 0:
+                draw.text((2, y + layout.cell_h // 2 - LINE_H // 2), model, fill="black")
+            grid.paste(image.convert("RGB").resize((layout.cell_w, layout.cell_h), Image.NEAREST), (x, y))
             if labels:
                 label = labels[model][column]
-                draw.text((x + 2, y + height + 1), label[: width // 6], fill="black")
-                draw.text((x + 2, y + height + 12), label[width // 6 : 2 * (width // 6)], fill="black")
+                draw.text((x + 2, y + layout.cell_h + 1), label[:chars], fill="black")
+                draw.text((x + 2, y + layout.cell_h + 1 + LINE_H), label[chars: 2 * chars], fill="black")
     return grid
+
+
+# ----------------------------------------------------------------------------------------------
+# Chart
+
+
+def chart_rows(results: dict) -> list[dict]:
+    """One row per category with its headline metric: base and tuned means, delta and its 95% CI."""
+    rows = []
+    for category, entry in results.items():
+        m = entry["metrics"].get(entry["headline_metric"])
+        if m and m["base"] is not None and m["tuned"] is not None:
+            rows.append({"category": category, "metric": entry["headline_metric"], "base": m["base"],
+                         "tuned": m["tuned"], "delta": m["delta"], "ci95": m["ci95"], "n_pairs": m["n_pairs"]})
+    return rows
+
+
+def chart_image(results: dict):
+    """Base vs tuned per category (headline metric): two bars on the left, the paired difference
+    with its 95% bootstrap interval on the right (a dot and a whisker about a zero line). Pillow only."""
+    from PIL import Image, ImageDraw
+
+    rows = chart_rows(results)
+    row_h, top, left, bars_w, gap, delta_w = 34, 40, 150, 260, 30, 260
+    width, height = left + bars_w + gap + delta_w + 20, top + max(len(rows), 1) * row_h + 30
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    d.text((8, 6), "base vs tuned (headline metric per category)", fill="black")
+    d.text((left + bars_w + gap, 6), "tuned - base, 95% bootstrap interval", fill="black")
+    colors = {"base": (127, 127, 127), "tuned": (31, 119, 180)}
+    d.rectangle((left, 24, left + 8, 30), fill=colors["base"])
+    d.text((left + 12, 22), "base", fill="black")
+    d.rectangle((left + 60, 24, left + 68, 30), fill=colors["tuned"])
+    d.text((left + 72, 22), "tuned", fill="black")
+    if not rows:
+        d.text((8, top + 8), "no scores", fill=(120, 120, 120))
+        return img
+    vmax = max(max(abs(r["base"]), abs(r["tuned"])) for r in rows) or 1.0
+    spread = max(abs(v) for r in rows for v in [r["delta"] or 0.0] + list(r["ci95"] or [])) or 1.0
+    x_zero = left + bars_w + gap + delta_w // 2
+    half = delta_w // 2 - 10
+    bottom = top + len(rows) * row_h
+    d.line((x_zero, top - 4, x_zero, bottom), fill=(160, 160, 160))
+    d.text((x_zero - half, bottom + 4), f"{-spread:+.3g}", fill="black")
+    d.text((x_zero - 3, bottom + 4), "0", fill="black")
+    d.text((x_zero + half - 30, bottom + 4), f"{spread:+.3g}", fill="black")
+    d.text((left, bottom + 4), "0", fill="black")
+    d.text((left + bars_w - 30, bottom + 4), f"{vmax:.3g}", fill="black")
+    for i, r in enumerate(rows):
+        y = top + i * row_h
+        d.text((8, y + 4), r["category"][:22], fill="black")
+        d.text((8, y + 16), f"{r['metric'][:16]}, {r['n_pairs']} pairs", fill=(90, 90, 90))
+        for k, model in enumerate(("base", "tuned")):
+            value = r[model]
+            yy = y + 4 + k * 13
+            d.rectangle((left, yy, left + max(1, int(abs(value) / vmax * bars_w)), yy + 10), fill=colors[model])
+            d.text((left + 4 + int(abs(value) / vmax * bars_w), yy - 1), f"{value:.3f}", fill="black")
+        yc = y + row_h // 2 - 2
+        if r["ci95"]:
+            lo, hi = (x_zero + int(v / spread * half) for v in r["ci95"])
+            d.line((lo, yc, hi, yc), fill="black", width=2)
+            d.line((lo, yc - 5, lo, yc + 5), fill="black")
+            d.line((hi, yc - 5, hi, yc + 5), fill="black")
+        if r["delta"] is not None:
+            xc = x_zero + int(r["delta"] / spread * half)
+            d.ellipse((xc - 4, yc - 4, xc + 4, yc + 4), fill=colors["tuned"])
+    return img

@@ -8,7 +8,8 @@
 2. **Scores** — every registered metric that applies to an image's category scores it, shard by
    shard (``scores/<model>-NNNNN.parquet``, also committed per shard), from the stored PNGs.
 3. **Report** — ``scores.parquet`` (one row per image and metric), ``summary.json``, ``report.md`` and
-   ``grid.png``.
+   ``grid.png`` (labelled: category and prompt per column, base and tuned rows), ``chart.png`` (base vs
+   tuned per category, with the 95% interval of the difference).
 
 Generation and scoring run one after the other, so the generator and the scoring models are never
 in memory together.
@@ -33,7 +34,7 @@ from comat_core.store.shards import check_fail_hook, part_summary, shards_to_do
 from comat_core.stages.evaluate.generate import generate_images, plan_samples, shard_plan
 from comat_core.stages.evaluate.metrics import EvalSample, MetricEnv, ScoringModels, headline_metric, metrics_for
 from comat_core.stages.evaluate.prompt_sets import EvalPrompts, load_eval_prompts
-from comat_core.stages.evaluate.report import grid_image, render_markdown, summarise
+from comat_core.stages.evaluate.report import chart_image, grid_headers, grid_image, render_markdown, summarise
 from comat_core.stages.evaluate.shapes import SHAPES_CATEGORIES, verdicts
 
 log = logging.getLogger("comat.evaluate")
@@ -66,6 +67,7 @@ def run(ctx) -> dict:
     ctx.writer.put_table("scores.parquet", pa.Table.from_pylist(rows, schema=SCORE_SCHEMA))
     summary = build_summary(ctx, prompts, rows, device)
     write_grid(ctx, summary["grid"])  # first: it adds the judge's verdicts to the grid items (shapes world)
+    ctx.writer.put_image("chart.png", chart_image(summary["results"]))
     ctx.writer.put_json("summary.json", summary)
     ctx.writer.put_bytes("report.md", render_markdown(summary).encode())
     headline = {c: e["metrics"].get(e["headline_metric"], {}) for c, e in summary["results"].items()}
@@ -272,4 +274,5 @@ def write_grid(ctx, items: list[dict]) -> None:
         labels = {m: [v.summary() for v in verdicts(images[m], [it["prompt"] for it in items])] for m in MODELS}
         for i, item in enumerate(items):
             item["verdict"] = {m: labels[m][i] for m in MODELS}
-    ctx.writer.put_image("grid.png", grid_image(images["base"], images["tuned"], labels=labels))
+    ctx.writer.put_image("grid.png", grid_image(images["base"], images["tuned"], labels=labels,
+                                                headers=grid_headers(items)))

@@ -181,6 +181,7 @@ def _compute_shards(ctx, gt, shards: list[list], pending: list[int]) -> _Tally:
     models = None
     total = sum(len(s) for s in shards)
     bar = shard_bar(total, total - sum(len(shards[n]) for n in pending), "masks")
+    ctx.progress(bar.n, bar.total, f"{bar.n} images in committed shards")  # the baseline of the rate
     try:
         for n in pending:
             check_fail_hook(ctx, n)

@@ -15,8 +15,12 @@ and only the main process writes. When training is done the main process commits
 verifies it (sha256 of every file), takes over its file list and summary, and ``run_stage``
 commits the stage manifest as for an in-process run.
 
-Progress: the main process prints ``comat-progress <done> <total> <message>`` lines, which the stage
-call forwards to its progress callback (the Prefect progress artifact); other lines pass through.
+Progress and logs: the main process prints ``comat-progress <done> <total> <message>`` lines, which the
+stage call forwards to its progress callback (the console bar or lines, and the Prefect progress
+artifact), and its ``comat`` log records (the step lines) as ``comat-log <json>`` lines, which the stage
+call logs under the same logger (the console, the log file and the Prefect run's logs); other lines pass
+through. Every process runs with the libraries' progress bars off (model loading would draw one bar
+per process and model).
 
 Resuming: a checkpoint holds the step and the position in the global sample order. The stage key
 holds the micro-batches per step, not the process layout (``TrainConfig.key_dump``), and the trainer
@@ -35,6 +39,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -49,6 +54,7 @@ STAGE = "train"
 MODULE = "comat_core.stages.train.launch"
 RESULT_SHARD = "launch-result"
 PROGRESS = "comat-progress"
+LOG = "comat-log"
 _PACKAGE_ROOT = Path(__file__).resolve().parents[3]  # the folder that holds comat_core/
 
 
@@ -121,7 +127,7 @@ def run_launched(ctx) -> dict:
 
 def run_command(cmd: list[str], progress: Callable[[int, int, str], None] | None = None) -> None:
     """Run the launcher; forward progress lines, pass the others through; raise with the output's tail."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(_PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
     tail: collections.deque[str] = collections.deque(maxlen=40)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -131,6 +137,11 @@ def run_command(cmd: list[str], progress: Callable[[int, int, str], None] | None
                 _, done, total, message = (line.rstrip("\n").split(" ", 3) + [""])[:4]
                 if progress is not None:
                     progress(int(done), int(total), message)
+                continue
+            if line.startswith(LOG + " "):
+                record = json.loads(line[len(LOG) + 1:])
+                logging.getLogger(record["name"]).log(record["level"], "%s", record["msg"])
+                tail.append(record["msg"] + "\n")
                 continue
             tail.append(line)
             sys.stdout.write(line)
@@ -175,6 +186,9 @@ def train_from_request(request: dict) -> dict:
     _build_tiny_models(cfg)
     rank = int(os.environ.get("RANK", "0"))  # set by the launcher; the trainer's Accelerator joins the group
     main = rank == 0
+    _quiet_library_bars()
+    if main:
+        _forward_logs()
     scratch = Path(request["scratch"]) / f"rank-{rank}"
     scratch.mkdir(parents=True, exist_ok=True)
     inputs = {n: store.reader(n, compute_key(cfg, store, n)) for n in stage_inputs(cfg, STAGE)}
@@ -198,6 +212,33 @@ def _build_tiny_models(cfg: ComatConfig) -> None:
         name = getattr(cfg.models, field)
         if isinstance(name, str) and name.startswith("tiny://"):
             resolve_model(name, f"models.{field}")
+
+
+def _quiet_library_bars() -> None:
+    """No diffusers/transformers progress bars in a launched process (one per process and model otherwise)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+class _LogLines(logging.Handler):
+    """A ``comat`` record as one ``comat-log <json>`` line on stdout, for the launching stage to log."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(f"{LOG} " + json.dumps({"level": record.levelno, "name": record.name, "msg": record.getMessage()}),
+                  flush=True)
+        except Exception:  # noqa: BLE001 - a log line must never stop training
+            self.handleError(record)
+
+
+def _forward_logs() -> None:
+    """The main process's ``comat`` records at INFO and above go to the launching stage's log."""
+    logger = logging.getLogger("comat")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(_LogLines(logging.INFO))
 
 
 def _print_progress(done: int, total: int, message: str = "") -> None:
