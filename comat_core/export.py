@@ -25,7 +25,7 @@ import yaml
 
 from comat_core.config import ComatConfig
 from comat_core.errors import InputError, StorageError
-from comat_core.stages.registry import compute_key
+from comat_core.stages.registry import compute_key, missing_input_advice
 from comat_core.store.storage import ArtifactStore
 
 EVALUATION_FILES = ("report.md", "summary.json", "grid.png")
@@ -79,7 +79,8 @@ def export(cfg: ComatConfig, store: ArtifactStore, to: str | Path) -> dict:
     try:
         train = store.reader("train", compute_key(cfg, store, "train"))
     except StorageError as e:
-        raise StorageError(f"nothing to export: {e}") from None
+        hint = missing_input_advice(cfg, store, "train", "")
+        raise StorageError(f"nothing to export: {e}" + (f"; {hint}" if hint else "")) from None
     if not train.list(prefix="lora/"):
         raise StorageError(f"{train.url} has no lora/ folder; rerun the train stage with --force train")
     tmp = to.with_name(to.name + ".partial")

@@ -223,7 +223,7 @@ def stages_to_compute(cfg: ComatConfig, stages: list[str] | None, force: list[st
 def check_inputs_exist(cfg: ComatConfig, stages: list[str] | None) -> None:
     """With ``--stages``, every input of a selected stage that is not itself selected must be complete."""
     from comat_core.errors import StorageError
-    from comat_core.stages.registry import compute_key, stage_inputs
+    from comat_core.stages.registry import compute_key, missing_input_advice, stage_inputs
 
     if not stages:
         return
@@ -239,8 +239,9 @@ def check_inputs_exist(cfg: ComatConfig, stages: list[str] | None) -> None:
             except StorageError:
                 where, complete = f"{store.root_url}/{name}", False
             if not complete:
-                raise InputError(f"stage {stage} needs {name}, which has no complete output at {where}; "
-                                 f"run it first (comat run --stages {name}) or add it to --stages")
+                advice = missing_input_advice(cfg, store, name, f"run it first (comat run --stages {name}) "
+                                                                "or add it to --stages")
+                raise InputError(f"stage {stage} needs {name}, which has no complete output at {where}; {advice}")
 
 
 def check_device(cfg: ComatConfig) -> None:
