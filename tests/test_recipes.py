@@ -50,6 +50,7 @@ def run_recipe(script: str, cwd: Path) -> str:
     bash = "set -euo pipefail\ncomat() { \"$COMAT_PY\" -m flows.cli \"$@\"; }\n" + script
     done = subprocess.run(["bash", "-c", bash], cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, script + "\n" + done.stdout[-3000:] + done.stderr[-5000:]
+    assert "dedicated Prefect server" not in done.stderr  # Prefect's advice, on every run: kept off the console
     return done.stdout
 
 
@@ -75,7 +76,12 @@ def check_run(tmp_path: Path, store_root: Path, out: str) -> None:
 def test_one_gpu_recipe_as_written_runs_to_export(tmp_path):
     script = tiny(section_block("4. Train on one GPU"), tmp_path / "store")
     script += section_block("7. The result")
-    check_run(tmp_path, tmp_path / "store", run_recipe(script, tmp_path))
+    out = run_recipe(script, tmp_path)
+    check_run(tmp_path, tmp_path / "store", out)
+    # `comat run`'s end: the stage table once, the headline evaluation under its warning, the diffusers lines
+    assert sum(line.startswith("evaluate  computed") for line in out.splitlines()) == 1
+    assert "evaluation (headline metric per category" in out and "carry no meaning" in out
+    assert "pipe.load_lora_weights(" in out
 
 
 @pytest.mark.slow
