@@ -105,3 +105,6 @@ def test_eight_gpu_recipe_as_written_runs_to_export_with_two_processes(tmp_path,
     assert f"a complete train output with other settings is at {trained}" in err
     assert "micro-batches per step (gradient_accumulation_steps x num_processes): 2 there, 1 here" in err
     assert "comat run --stages train" not in err
+    rc = main(["status", "--storage", str(tmp_path / "store"), *[a for o in FAST for a in ("--set", o)]])
+    train = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("train "))
+    assert rc == 0 and "missing" in train and f"complete under other settings: {trained}" in train

@@ -423,5 +423,8 @@ def status(cfg: ComatConfig, store: ArtifactStore, verify: bool = False) -> list
         if verify:
             shards = [n for n in shards if writer.shard_problem(n) is None]  # a bad shard is redone on the next run
         state = "partial" if shards or store.exists(store.path(stage, key)) else "missing"
+        others = other_outputs(cfg, store, stage) if state == "missing" else []
+        if others:  # e.g. a training run with another layout: say where, and what differs
+            url += f" (complete under other settings: {others[0][0]}, differing in {'; '.join(others[0][1][:2])})"
         out.append(StageStatus(stage, key, state, len(shards), url))
     return out
