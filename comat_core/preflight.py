@@ -4,7 +4,8 @@
 unreachable or unknown storage URL, a prompt source that matches nothing (or a folder, a bad line),
 a local model path that does not exist or holds no model, a ``--stages`` run whose inputs are
 missing, an unknown stage name. ``check_this_machine`` adds, for ``comat run``, the Hugging Face ids
-that are not downloaded while HF_HUB_OFFLINE=1 and ``runtime.device=cuda`` without a GPU, checked
+that are not downloaded while HF_HUB_OFFLINE=1 (with one ``hf download`` command per model, each on a
+line of its own after the error's line) and ``runtime.device=cuda`` without a GPU, checked
 only for the stages that will be computed (not when everything is a cache hit).
 """
 
@@ -69,13 +70,15 @@ def check_stage_names(cfg: ComatConfig, names: list[str] | None, what: str) -> N
                           f"stages are {', '.join(allowed)}")
 
 
-# What `hf download` fetches for each kind of model: configs, tokenizers and the safetensors weights of
-# each component, never the multi-GB single-file .ckpt / .safetensors checkpoints at a pipeline's top level.
+# What `hf download` fetches for each kind of model: configs, tokenizers and the safetensors weights of the
+# components comat loads, never the multi-GB single-file .ckpt / .safetensors checkpoints at a pipeline's top
+# level, the fp16 copies or the safety checker. The README's download list is these commands, model by model.
 # `hf download` takes one pattern per --include (a second bare pattern would be read as a file name,
 # and then every --include is ignored).
-PIPELINE_FILES = ("model_index.json", "*/*.json", "*/*.txt", "*/diffusion_pytorch_model.safetensors",
-                  "*/model.safetensors", "*/*.model")
-MODEL_FILES = ("*.json", "*.txt", "*.model", "model.safetensors")
+PIPELINE_FILES = ("*.json", "*.txt", "text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
+                  "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors")
+MODEL_FILES = ("*.json", "*.txt", "model.safetensors")
+VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 PIPELINE_FIELDS = ("pretrained", "discriminator")  # diffusers pipelines; the rest are single models (or a VAE)
 
 # What each model setting must name when it is a local path: (marker files, one of which must be there; what).
@@ -145,31 +148,38 @@ def _what_is(path: str) -> str:
     return f"a folder without a model ({shown or 'empty'})"
 
 
+def download_command(field: str, repo_id: str) -> str:
+    """The ``hf download`` command that fetches what comat loads of ``models.<field>`` (configs, safetensors)."""
+    files = PIPELINE_FILES if field in PIPELINE_FIELDS else VAE_FILES if field == "vae" else MODEL_FILES
+    return f"hf download {repo_id} " + " ".join(f'--include "{f}"' for f in files)
+
+
 def check_models(cfg: ComatConfig, stages: list[str] | None = None) -> None:
     """Every model the given stages need must be there before any work starts.
 
     Local paths must be model folders (``check_model_paths``). With ``HF_HUB_OFFLINE=1`` every Hub id
-    must be in the Hub cache; the error lists each missing one, on one line, with the ``hf download``
-    command that fetches it (configs and safetensors only). Online, Hub ids are downloaded when first loaded.
+    must be in the Hub cache; the error's first line names the settings whose model is missing, and
+    each following line is the ``hf download`` command of one model (configs and safetensors only),
+    ready to copy. Online, Hub ids are downloaded when first loaded.
     """
     from comat_core.models.loader import is_local, is_tiny, is_world
 
     check_model_paths(cfg)
     if not _hub_offline():
         return
-    missing = []
+    missing: dict[str, list[str]] = {}  # Hub id -> the settings naming it (SD1.5 is pretrained and discriminator)
     for field in sorted(model_fields(cfg, stages if stages is not None else cfg.stage_order())):
         value = getattr(cfg.models, field)
         if field == "sam_checkpoint" or not isinstance(value, str):
             continue
         if is_tiny(value) or is_world(value) or is_local(value) or os.path.exists(value) or _in_hub_cache(value):
             continue
-        files = PIPELINE_FILES if field in PIPELINE_FIELDS else MODEL_FILES
-        includes = " ".join(f'--include "{f}"' for f in files)
-        missing.append(f"models.{field}={value} (hf download {value} {includes})")
+        missing.setdefault(value, []).append(field)
     if missing:
-        raise InputError(f"HF_HUB_OFFLINE=1 and {len(missing)} model(s) are not in the Hub cache "
-                         f"({_hub_cache()}): " + "; ".join(missing))
+        named = "; ".join(f"{value} ({', '.join('models.' + f for f in fields)})" for value, fields in missing.items())
+        commands = [download_command(fields[0], value) for value, fields in missing.items()]
+        raise InputError(f"HF_HUB_OFFLINE=1 and {len(missing)} model(s) are not in the Hub cache ({_hub_cache()}): "
+                         f"{named}; download them with these commands, one per line:\n" + "\n".join(commands))
 
 
 def _hub_offline() -> bool:
@@ -224,7 +234,7 @@ def stages_to_compute(cfg: ComatConfig, stages: list[str] | None, force: list[st
 def check_inputs_exist(cfg: ComatConfig, stages: list[str] | None) -> None:
     """With ``--stages``, every input of a selected stage that is not itself selected must be complete."""
     from comat_core.errors import StorageError
-    from comat_core.stages.registry import compute_key, stage_inputs
+    from comat_core.stages.registry import compute_key, missing_input_advice, stage_inputs
 
     if not stages:
         return
@@ -240,8 +250,9 @@ def check_inputs_exist(cfg: ComatConfig, stages: list[str] | None) -> None:
             except StorageError:
                 where, complete = f"{store.root_url}/{name}", False
             if not complete:
-                raise InputError(f"stage {stage} needs {name}, which has no complete output at {where}; "
-                                 f"run it first (comat run --stages {name}) or add it to --stages")
+                advice = missing_input_advice(cfg, store, name, f"run it first (comat run --stages {name}) "
+                                                                "or add it to --stages")
+                raise InputError(f"stage {stage} needs {name}, which has no complete output at {where}; {advice}")
 
 
 def check_device(cfg: ComatConfig) -> None:

@@ -45,19 +45,33 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", metavar="URL", help="artifact store root: a local folder, s3://bucket/prefix, gs://…")
     p.add_argument("--prompts", action="append", default=None, metavar="URL_OR_GLOB",
                    help="prompt files replacing the preset's sources (repeatable; one prompt per line, UTF-8)")
+    _verbose(p)
+
+
+def _verbose(p: argparse.ArgumentParser, top: bool = False) -> None:
+    """``-v`` before or after the command (``comat -v run`` and ``comat run -v``); the command's own
+    flag leaves the top-level one alone when it is not given."""
+    p.add_argument("-v", "--verbose", action="store_true", default=False if top else argparse.SUPPRESS,
+                   help="debug logging, tracebacks on the console")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from comat_core import __version__
+    from comat_core.config import STAGE_NAMES
+
     parser = argparse.ArgumentParser(
         prog="comat", description="CoMat fine-tuning of Stable Diffusion as a cached, resumable pipeline.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _verbose(parser, top=True)
+    parser.add_argument("--version", action="version", version=f"comat {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the pipeline (in-process Prefect flow)", epilog=EPILOG,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(run)
-    run.add_argument("--stages", metavar="A,B", help="run only these stages (comma separated), in pipeline order")
+    run.add_argument("--stages", metavar="A,B",
+                     help="run only these stages (comma separated), in pipeline order; stages: "
+                          f"{', '.join(STAGE_NAMES)} (world: shapes preset only; sdxl_prefinetune: SDXL only)")
     run.add_argument("--force", metavar="A,B", help="recompute these stages even when complete; dependants follow")
     run.add_argument("--part", metavar="K/N",
                      help="with one sharded --stages stage: compute only part K of N (K from 0) of its shards, "
@@ -79,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dp = sub.add_parser("deploy", help="register deployments/prefect.yaml with the Prefect server in PREFECT_API_URL")
     dp.add_argument("--name", action="append", default=None, help="only this deployment (repeatable)")
+    _verbose(dp)
     dp.add_argument("--local", action="store_true",
                     help="local profile: every deployment on one `process` pool named `local` running this checkout")
     dp.add_argument("--notify", metavar="BLOCK_TYPE/NAME", default=None,
@@ -123,6 +138,18 @@ class _NoTraceback(logging.Formatter):
             record.exc_info, record.exc_text, record.stack_info = saved
 
 
+def _not_on_console(record: logging.LogRecord) -> bool:
+    """Keep off the console (the debug log and the Prefect run log still have them): Prefect's advice to
+    start a dedicated server, printed by every run on its temporary one, and the flow's per-stage rows,
+    which ``comat run`` prints itself, once, at the end."""
+    if record.name == "prefect" and str(record.msg).startswith("Starting temporary server"):
+        return False
+    return not (record.name == "comat.flows" and record.msg == STAGE_ROW_FORMAT)
+
+
+STAGE_ROW_FORMAT = "%-16s %-8s %s %s"  # flows/pipeline.py's publish_run_summary
+
+
 def debug_log_path() -> str:
     """Where ``comat run`` writes every log record with its traceback: ``<cache>/logs/last-run.log``."""
     from comat_core.models.loader import cache_dir
@@ -141,6 +168,7 @@ def setup_logging(verbose: bool, command: str) -> str | None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     console = logging.StreamHandler()
     console.setFormatter(logging.Formatter(LOG_FORMAT) if verbose else _NoTraceback(LOG_FORMAT))
+    console.addFilter(_not_on_console)
     console.comat = True
     root.addHandler(add_redaction(console))
     if command != "run":
@@ -190,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         resume = "; completed stages, shards and checkpoints are kept: rerun to resume" if (
             isinstance(e, StorageError) and not isinstance(e, IntegrityError) and args.command == "run") else ""
         print(f"comat: error: {_first_line(e)}{resume}", file=sys.stderr)
+        for line in _commands(e):  # e.g. the hf download command of each missing model
+            print(line, file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("comat: interrupted; completed shards and checkpoints are kept, rerun to resume", file=sys.stderr)
@@ -213,6 +243,12 @@ def _first_line(e: BaseException) -> str:
 
     lines = redact(str(e)).strip().splitlines()
     return lines[0] if lines else type(e).__name__
+
+
+def _commands(e: BaseException) -> list[str]:
+    """The lines after an error's first one that are commands to copy (``hf download …``); other
+    continuation lines stay in the debug log."""
+    return [line for line in str(e).strip().splitlines()[1:] if line.startswith("hf download ")]
 
 
 def _log_traceback(path: str | None) -> None:
@@ -259,16 +295,21 @@ def _dispatch(args) -> int:
         diffusers_logging.disable_progress_bar()
     if args.part:
         return _run_part(cfg, stages, force, args.part)
+    import time
+
     from flows.pipeline import comat
 
+    started = time.time()
     results = comat(config=config_request(args), stages=stages, force=force)
-    width = max(len(s) for s in results) if results else 0
-    for stage, url in results.items():
-        print(f"{stage:<{width}}  {url}")
     from comat_core.store.storage import ArtifactStore
-    from flows.summary import closing_lines
+    from flows.summary import closing_lines, headline_lines, stage_rows
 
-    for line in closing_lines(cfg, ArtifactStore(cfg.storage.root, cfg.storage.options), results):
+    store = ArtifactStore(cfg.storage.root, cfg.storage.options)
+    rows = stage_rows(cfg, store, results, started)
+    width = max((len(r["stage"]) for r in rows), default=0)
+    for r in rows:
+        print(f"{r['stage']:<{width}}  {r['state']:<8}  {r['url']}")
+    for line in headline_lines(store, results) + closing_lines(cfg, store, results):
         print(line)
     return 0
 

@@ -32,20 +32,47 @@ def stage_rows(cfg: ComatConfig, store: ArtifactStore, results: dict[str, str], 
     return rows
 
 
+def evaluation_summary(store: ArtifactStore, results: dict[str, str]) -> dict | None:
+    """The evaluate stage's ``summary.json`` of this run, None without evaluate."""
+    url = results.get("evaluate")
+    if not url:
+        return None
+    manifest = store.read_manifest("evaluate", url.rstrip("/").rsplit("/", 1)[-1])
+    if manifest is None or "summary.json" not in manifest.get("files", {}):
+        return None
+    from comat_core.store.storage import StageReader
+
+    return StageReader(store, "evaluate", manifest["key"], manifest).read_json("summary.json")
+
+
 def headline_rows(store: ArtifactStore, results: dict[str, str]) -> list[dict]:
     """The evaluation's headline metric per category (base, tuned, delta, 95 % CI), [] without evaluate."""
     from flows.artifacts import result_rows
 
-    url = results.get("evaluate")
-    if not url:
+    summary = evaluation_summary(store, results)
+    if not summary:
         return []
-    manifest = store.read_manifest("evaluate", url.rstrip("/").rsplit("/", 1)[-1])
-    if manifest is None or "summary.json" not in manifest.get("files", {}):
-        return []
-    from comat_core.store.storage import StageReader
-
-    summary = StageReader(store, "evaluate", manifest["key"], manifest).read_json("summary.json")
     return [r for r in result_rows(summary.get("results", {})) if r["headline"]]
+
+
+def headline_lines(store: ArtifactStore, results: dict[str, str]) -> list[str]:
+    """The headline evaluation as console lines, under the warning when the numbers carry no meaning."""
+    from comat_core.stages.evaluate.report import caveat
+
+    summary = evaluation_summary(store, results)
+    rows = headline_rows(store, results)
+    if not rows:
+        return []
+    lines = ["evaluation (headline metric per category; delta = tuned - base, 95 % CI over prompts):"]
+    warning = caveat(summary)
+    if warning:
+        lines.append(f"  {warning}")
+    lines.append(f"  {'category':<14} {'metric':<16} {'base':>8} {'tuned':>8} {'delta':>8}  {'95 % CI':<20} pairs")
+    for h in rows:
+        ci = f"[{_fmt(h['ci95_low'])}, {_fmt(h['ci95_high'])}]"
+        lines.append(f"  {h['category']:<14} {h['metric']:<16} {_fmt(h['base']):>8} {_fmt(h['tuned']):>8} "
+                     f"{_fmt(h['delta']):>8}  {ci:<20} {_fmt(h['pairs'])}")
+    return lines
 
 
 def closing_lines(cfg: ComatConfig, store: ArtifactStore, results: dict[str, str]) -> list[str]:
@@ -62,31 +89,28 @@ def closing_lines(cfg: ComatConfig, store: ArtifactStore, results: dict[str, str
     if not store.is_local:
         lines.append(f"        copy it first: python -c \"import fsspec; fsspec.filesystem('{lora.split('://')[0]}')"
                      f".get('{lora}', 'lora', recursive=True)\" (then use 'lora' below)")
-    sdxl = cfg.models.family == "sdxl"
-    pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    from comat_core.export import diffusers_lines
+    from comat_core.models.loader import is_tiny, resolve_model
+
     model = cfg.models.pretrained
     example = "a red book and a yellow vase"
-    if model.startswith("tiny://"):
-        model_expr = f'resolve_model("{model}")'
-        lines.append("load it in diffusers (tiny models are built by comat: "
-                     "from comat_core.models.loader import resolve_model):")
+    if is_tiny(model):  # built by comat into its cache: a local diffusers folder on this machine
+        model = resolve_model(model, "models.pretrained")
     elif model.startswith("world://") and "world" in results:  # the world stage's trained model
-        model_expr = f'"{store_path(store, results["world"], model[len("world://"):])}"'
+        model = store_path(store, results["world"], model[len("world://"):])
         example = "a red circle and a blue square"
-        lines.append("load it in diffusers:")
-    else:
-        model_expr = f'"{model}"'
-        lines.append("load it in diffusers:")
-    lines += ["    import torch",
-              f"    from diffusers import {pipeline}",
-              f"    pipe = {pipeline}.from_pretrained({model_expr}, torch_dtype=torch.float16).to(\"cuda\")"]
-    if "sdxl_prefinetune" in results:
-        lines += ["    from diffusers import UNet2DConditionModel",
-                  f"    pipe.unet = UNet2DConditionModel.from_pretrained(\"{store_path(store, results['sdxl_prefinetune'], 'unet')}\","
-                  " torch_dtype=torch.float16).to(\"cuda\")"]
-    lines += [f"    pipe.load_lora_weights(\"{lora if store.is_local else 'lora'}\")",
-              f"    image = pipe(\"{example}\").images[0]"]
+    unet = store_path(store, results["sdxl_prefinetune"], "unet") if "sdxl_prefinetune" in results else None
+    if unet and not store.is_local:
+        lines.append(f"        and: python -c \"import fsspec; fsspec.filesystem('{unet.split('://')[0]}')"
+                     f".get('{unet}', 'unet', recursive=True)\"")
+        unet = "unet"
+    lines.append("load it in diffusers:")
+    lines += ["    " + line for line in diffusers_lines(cfg, model, lora if store.is_local else "lora", unet, example)]
     return lines
+
+
+def rows_url(rows: list[dict], stage: str) -> str | None:
+    return next((r["url"] for r in rows if r["stage"] == stage and r["state"] != "failed"), None)
 
 
 def store_path(store: ArtifactStore, stage_url: str, rel: str) -> str:
@@ -111,7 +135,11 @@ def summary_markdown(cfg: ComatConfig, store: ArtifactStore, rows: list[dict], h
         folder = r["url"] if r["state"] == "failed" else f"[{r['url']}]({folder_link(store, r['url'])})"
         out.append(f"| {r['stage']} | {r['state']} | `{r['key']}` | {r['seconds']:g} | {folder} |")
     if headline:
+        from comat_core.stages.evaluate.report import caveat
+
+        warning = caveat(evaluation_summary(store, {"evaluate": rows_url(rows, "evaluate")}) or {})
         out += ["", "### Evaluation (headline metric per category; delta = tuned - base, 95 % CI over prompts)", "",
+                *([f"> **{warning}**", ""] if warning else []),
                 "| category | metric | base | tuned | delta | 95 % CI | pairs |", "|---|---|---|---|---|---|---|"]
         for h in headline:
             ci = f"[{_fmt(h['ci95_low'])}, {_fmt(h['ci95_high'])}]"

@@ -52,7 +52,7 @@ from prefect.tasks import exponential_backoff
 
 from comat_core.config import ComatConfig
 from comat_core.errors import InputError, IntegrityError, StorageError
-from comat_core.stages.registry import STAGES, compute_key, run_stage, stage_inputs
+from comat_core.stages.registry import STAGES, compute_key, missing_input_advice, run_stage, stage_inputs
 from comat_core.preflight import build_config
 from comat_core.store.shards import ShardPart
 from comat_core.store.storage import ArtifactStore
@@ -123,9 +123,11 @@ def check_inputs(cfg: ComatConfig, store: ArtifactStore, stage: str) -> None:
         key = compute_key(cfg, store, name)
         if store.read_manifest(name, key) is None:
             deployment = f"comat-{name.replace('_', '-')}/{'gpu' if STAGES[name].gpu else 'cpu'}"
+            advice = missing_input_advice(cfg, store, name, f"run {name} first: the deployment {deployment} "
+                                                            f"(prefect deployment run {deployment}) or comat run "
+                                                            f"--stages {name}")
             raise InputError(f"stage {stage} needs {name}, which has no complete output at "
-                             f"{store.stage_url(name, key)}; run {name} first: the deployment {deployment} "
-                             f"(prefect deployment run {deployment}) or comat run --stages {name}")
+                             f"{store.stage_url(name, key)}; {advice}")
 
 
 def task_run_name(parameters: dict) -> str:

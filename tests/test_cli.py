@@ -26,6 +26,37 @@ def test_help_lists_commands(capsys):
         assert word in out
 
 
+def test_version_verbose_after_the_command_and_stage_names_in_help(capsys):
+    from comat_core import __version__
+    from comat_core.config import STAGE_NAMES
+    from flows.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"comat {__version__}"
+    parser = build_parser()
+    assert parser.parse_args(["run", "-v"]).verbose and parser.parse_args(["-v", "run"]).verbose
+    assert parser.parse_args(["status", "--verbose"]).verbose and not parser.parse_args(["run"]).verbose
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "stages: " + ", ".join(STAGE_NAMES) in help_text
+
+
+def test_console_drops_prefects_server_advice_and_the_flows_stage_rows():
+    import logging
+
+    from flows.cli import STAGE_ROW_FORMAT, _not_on_console
+
+    def record(name, msg, *args):
+        return logging.LogRecord(name, logging.INFO, __file__, 1, msg, args, None)
+
+    assert not _not_on_console(record("prefect", "Starting temporary server on http://127.0.0.1:8475\nSee …"))
+    assert not _not_on_console(record("comat.flows", STAGE_ROW_FORMAT, "train", "cached", "k", "url"))
+    assert _not_on_console(record("comat.flows", "run summary published"))
+    assert _not_on_console(record("prefect.flow_runs", "Finished in state Completed()"))
+
+
 def test_config_prints_resolved_yaml(capsys):
     rc, out, _ = run_cli(capsys, "config", "--preset", "sd15", "--set", "train.max_steps=10")
     assert rc == 0 and "max_steps: 10" in out and "preset: sd15" in out

@@ -504,3 +504,26 @@ def test_the_chart_draws_one_row_per_category_with_its_interval():
     one, three = chart_image({"color": results["color"]}), chart_image(results)
     assert three.size[1] > one.size[1]
     assert [r["category"] for r in chart_rows(results)] == ["color", "shape", "texture"]
+
+
+def test_numbers_from_random_models_or_few_pairs_are_said_to_carry_no_meaning():
+    from comat_core.stages.evaluate.report import MIN_PAIRS, MIN_PROMPTS, caveat, render_markdown
+
+    def summary(base, pairs, prompts):
+        entry = {"headline_metric": "blip_vqa", "metrics": {"blip_vqa": {
+            "base": 0.5, "tuned": 0.375, "delta": -0.125, "higher_is_better": True, "ci95": [-0.2, -0.05],
+            "n_images": {"base": pairs, "tuned": pairs}, "n_pairs": pairs, "n_prompts": prompts}}}
+        return {"results": {"color": entry}, "models": {"pretrained": {"name": base}, "vqa": {"name": "tiny://blip-vqa"}}}
+
+    assert "random (tiny preset)" in caveat(summary("tiny://sd15", 4000, 300))
+    assert "(4 pairs, 4 prompts)" in caveat(summary("stable-diffusion-v1-5/stable-diffusion-v1-5", 4, 4))
+    assert caveat(summary("stable-diffusion-v1-5/stable-diffusion-v1-5", MIN_PAIRS, MIN_PROMPTS)) is None
+    assert caveat(summary("world://base", 256, 64)) is None  # the shapes world: tiny scorers, an exact judge
+    full = {"protocol": {"scheduler": "ddim", "num_inference_steps": 2, "guidance_scale": 7.5, "resolution": 64,
+                         "dtype": "fp32", "images_per_prompt": 1, "seeds": [0], "prompts_per_category": {"color": 4},
+                         "parser": "offline", "detector_box_threshold": 0.3, "bootstrap_samples": 10,
+                         "bootstrap_seed": 0},
+            "code": {"stage_version": "1", "source_sha256": "0" * 64}, "prompt_files": {}}
+    report = render_markdown({**summary("tiny://sd15", 4, 4), **full})
+    assert report.index("carry no meaning") < report.index("## Scores") and "significant" not in report.replace(
+        "no difference here is significant", "")

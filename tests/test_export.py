@@ -1,6 +1,11 @@
 """``comat export``: the trained LoRA leaves the store as a folder diffusers loads, with a model card."""
 
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +37,19 @@ def trained(tmp_path_factory):
     return cfg, store, root
 
 
+def run_printed_code(code: str, cwd: Path) -> Path:
+    """Execute diffusers lines as printed, in a fresh interpreter, offline; returns the image they save."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)  # the printed lines need diffusers and torch, not comat
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, code + "\n" + done.stderr[-3000:]
+    return cwd / "comat.png"
+
+
+def card_code(card: str) -> str:
+    return re.search(r"```python\n(.*?)```", card, re.S).group(1)
+
+
 def test_export_before_training_is_a_one_line_error(capsys, tmp_path):
     rc, _, err = cli(capsys, tmp_path / "empty-store", "export", "--to", str(tmp_path / "out"))
     assert rc == 2 and err.startswith("comat: error: nothing to export") and err.count("\n") == 1
@@ -52,6 +70,14 @@ def test_exported_lora_loads_in_diffusers_and_the_card_describes_it(capsys, trai
     assert "base_model" not in card  # tiny://sd15 is not a Hub id
     assert "max_steps: 2" in card and "Not evaluated yet" in card
     assert json.loads((out / "comat.json").read_text())["steps"] == 2
+    assert "random tiny model" in card  # not publishable as a result
+
+    # the card's lines as printed: the tiny base model from the export's base/, on the CPU, offline
+    code = card_code(card)
+    assert "tiny://" not in code and '.to("cuda")' not in code and "torch_dtype" not in code
+    assert "safety_checker=None" in code and "height=64, width=64" in code
+    (tmp_path / "card").mkdir()
+    assert run_printed_code(code, tmp_path / "card").stat().st_size > 0
 
     # the three lines of the card, on the tiny model: the LoRA changes what the pipeline draws
     from comat_core.models.loader import load_sd_pipeline
@@ -96,6 +122,20 @@ def test_export_carries_the_evaluation_report_once_evaluated(capsys, trained, tm
     pictures = evaluation_pictures(store, {"evaluate": store.stage_url("evaluate", compute_key(cfg, store, "evaluate"))})
     assert [p.split("**")[1] for p in pictures] == ["chart.png", "grid.png"]
     assert all("](data:image/png;base64," in p for p in pictures)
+    # 1 pair from random models: the report and the card say the numbers carry no meaning
+    assert "These numbers carry no meaning" in report and card.index("carry no meaning") < card.index("## Use")
+
+
+def test_closing_lines_of_a_run_execute_as_printed(trained, tmp_path):
+    """``comat run``'s last lines: the tiny base model from comat's cache, the LoRA from the store."""
+    from flows.summary import closing_lines
+
+    cfg, store, root = trained
+    results = {s: store.stage_url(s, compute_key(cfg, store, s)) for s in ("prompts", "gan_gt", "masks", "train")}
+    lines = closing_lines(cfg, store, results)
+    code = "\n".join(line[4:] for line in lines if line.startswith("    "))
+    assert "from_pretrained(" in code and "resolve_model" not in code and "tiny://" not in code
+    assert run_printed_code(code, tmp_path).stat().st_size > 0
 
 
 def test_sdxl_export_carries_the_prefinetuned_unet_the_lora_was_trained_on(capsys, tmp_path):
@@ -114,13 +154,21 @@ def test_sdxl_export_carries_the_prefinetuned_unet_the_lora_was_trained_on(capsy
                *[a for o in fast for a in ("--set", o)], "--to", str(out)])
     assert rc == 0, capsys.readouterr().err
     pre = store.reader("sdxl_prefinetune", compute_key(cfg, store, "sdxl_prefinetune"))
-    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
-        assert (out / "unet" / name).read_bytes() == pre.read_bytes(f"unet/{name}")
-    card = (out / "README.md").read_text()
-    assert 'subfolder="unet"' in card and "StableDiffusionXLPipeline" in card
-
-    # the card's lines: the fine-tuned UNet, then the LoRA on top of it
+    name = "diffusion_pytorch_model.safetensors"
+    assert (out / "unet" / name).read_bytes() == pre.read_bytes(f"unet/{name}")
+    exported, stored = json.loads((out / "unet" / "config.json").read_text()), pre.read_json("unet/config.json")
+    assert {k: v for k, v in exported.items() if k != "sample_size"} == {
+        k: v for k, v in stored.items() if k != "sample_size"}
     pipe = load_sd_pipeline("tiny://sdxl", "sdxl")
+    # the UNet says the size it was fine-tuned at (64 px here; 512 px, sample_size 64, for SDXL)
+    assert exported["sample_size"] * pipe.vae_scale_factor == cfg.train.resolution
+    card = (out / "README.md").read_text()
+    code = card_code(card)
+    assert "StableDiffusionXLPipeline" in code and f'"{out.resolve()}/unet"' in code and "height=64, width=64" in code
+    (tmp_path / "card").mkdir()
+    assert run_printed_code(code, tmp_path / "card").stat().st_size > 0
+
+    # the fine-tuned UNet, then the LoRA on top of it
     pipe.unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
     pipe.load_lora_weights(str(out))
     lora_b = [p for n, p in pipe.unet.named_parameters() if "lora_B" in n]

@@ -24,7 +24,10 @@ def run_cli(capsys, *args):
 
 
 def one_line_error(err: str) -> bool:
-    return err.startswith("comat: error: ") and err.count("\n") == 1
+    """One line of error; only commands to copy (a missing model's ``hf download``) may follow it."""
+    lines = err.splitlines()
+    return err.startswith("comat: error: ") and err.endswith("\n") and all(
+        line.startswith("hf download ") for line in lines[1:])
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing written
@@ -164,7 +167,7 @@ def test_offline_and_device_checks_cover_only_the_stages_that_will_compute(store
     check_this_machine(cfg, ["prompts", "gan_gt", "masks", "train"])  # all cached: nothing to check
     with pytest.raises(ConfigError, match="runtime.device is cuda but no CUDA GPU"):
         check_this_machine(fast_cfg(store.root, "runtime.device=cuda"), None)
-    with pytest.raises(InputError, match=r"models.clip=openai/clip-vit-base-patch32 \(hf download"):
+    with pytest.raises(InputError, match=r"openai/clip-vit-base-patch32 \(models.clip\)"):
         check_this_machine(cfg, None)  # evaluate would load CLIP from the hub
 
 

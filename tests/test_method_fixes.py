@@ -10,12 +10,13 @@
   uses both.
 * ``masks: online`` segments the online image itself, detached.
 * SDXL's unconditional branch is the pipeline's (zero embeddings for the base model's config).
-* Background plurals are dropped; missing offline models fail before any work, in one line.
+* Background plurals are dropped; missing offline models fail before any work: one line, then one download command per model.
 """
 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -263,12 +264,21 @@ def test_missing_offline_models_fail_before_any_work_in_one_line(tmp_path, monke
     cfg = load_config("sd15")
     with pytest.raises(InputError) as err:
         check_models(cfg, ["gan_gt", "train"])
-    message = str(err.value)
-    assert "\n" not in message
-    assert "models.pretrained=stable-diffusion-v1-5/stable-diffusion-v1-5 (hf download " in message
-    assert "models.captioner=Salesforce/blip-image-captioning-large" in message
-    assert "--include" in message and "grounding" not in message  # only what gan_gt and train need
-    assert '--include "model_index.json" --include "*/*.json"' in message  # one pattern per --include: hf reads a bare one as a file name
+    first, *commands = str(err.value).splitlines()
+    # one line naming each missing model once (SD1.5 is both the base and the discriminator) ...
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5 (models.discriminator, models.pretrained)" in first
+    assert "Salesforce/blip-image-captioning-large (models.captioner)" in first and "grounding" not in first
+    # ... then one copy-pasteable command per model, each on its own line, no duplicates
+    assert len(commands) == 2 == len(set(commands)) and all(c.startswith("hf download ") for c in commands)
+    sd15 = next(c for c in commands if "stable-diffusion-v1-5" in c)
+    # one pattern per --include (hf reads a second bare one as a file name); the README's list, no safety checker
+    assert sd15 == ('hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --include "*.json" --include "*.txt" '
+                    '--include "text_encoder/model.safetensors" --include "text_encoder_2/model.safetensors" '
+                    '--include "unet/diffusion_pytorch_model.safetensors" '
+                    '--include "vae/diffusion_pytorch_model.safetensors"')
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for command in commands:
+        assert command in readme  # the README lists the same commands
     # once the cache holds a snapshot, that model is no longer reported
     (tmp_path / "models--Salesforce--blip-image-captioning-large" / "snapshots" / "abc").mkdir(parents=True)
     (tmp_path / "models--Salesforce--blip-image-captioning-large" / "snapshots" / "abc" / "config.json").write_text("{}")

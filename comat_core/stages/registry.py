@@ -225,6 +225,63 @@ def compute_key(cfg: ComatConfig, store: ArtifactStore, stage: str) -> str:
     return stage_key(stage, stage_config(cfg, stage), digests, spec.code_version)
 
 
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def _setting_name(stage: str, path: str) -> str:
+    """A key-config path (``section.x``, ``models.pretrained``) as the setting a user writes."""
+    if path == "section.gradient_accumulation_steps" and stage == "train":
+        return "train micro-batches per step (gradient_accumulation_steps x num_processes)"
+    return f"{stage}.{path[len('section.'):]}" if path.startswith("section.") else path
+
+
+def other_outputs(cfg: ComatConfig, store: ArtifactStore, stage: str) -> list[tuple[str, list[str]]]:
+    """Complete outputs of ``stage`` in the store under other keys, nearest first: (url, what differs).
+
+    What differs is read from the config each manifest records (the stage's key config) against this
+    config's, as ``setting: theirs there, ours here``; outputs whose settings are all the same differ
+    in their inputs."""
+    try:
+        ours = _flatten(stage_config(cfg, stage))
+    except Exception:  # noqa: BLE001 - a hint must never replace the error it explains
+        return []
+    found = []
+    for key in store.listdir(store.path(stage)):
+        manifest = store.read_manifest(stage, key) if not key.startswith(".") else None
+        if not manifest or not isinstance(manifest.get("config"), dict):
+            continue
+        theirs = _flatten(manifest["config"])
+        diffs = [f"{_setting_name(stage, k)}: {theirs.get(k)!r} there, {ours.get(k)!r} here"
+                 for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+        found.append((len(diffs) or 99, -float(manifest.get("finished_at", 0)), store.stage_url(stage, key),
+                      diffs or [f"its inputs ({', '.join(sorted(manifest.get('inputs') or {})) or 'none'})"]))
+    return [(url, diffs) for _, _, url, diffs in sorted(found)]
+
+
+def missing_input_advice(cfg: ComatConfig, store: ArtifactStore, name: str, run_it: str) -> str:
+    """What to do about an input ``name`` with no complete output at this config's key.
+
+    When the store holds a complete ``name`` under another key (a setting given to one command
+    only, such as the process layout on the train command), say where and what differs, and do not
+    advise a command: running ``name`` again would compute it anew (for train: hours of GPUs).
+    Otherwise ``run_it``, the command that computes it."""
+    others = other_outputs(cfg, store, name)
+    if not others:
+        return run_it
+    url, diffs = others[0]
+    more = f" (and {len(others) - 1} other complete output(s))" if len(others) > 1 else ""
+    return (f"a complete {name} output with other settings is at {url}{more}, differing in "
+            f"{'; '.join(diffs[:3])}{'; …' if len(diffs) > 3 else ''}: if it is the one you mean, give this "
+            f"command the settings that run had (put them in the --config file every command of the run reads) "
+            f"rather than computing {name} again")
+
+
 def run_stage(cfg: ComatConfig, store: ArtifactStore, stage: str, *, force: bool = False,
               progress: ProgressFn | None = None, hooks: dict | None = None,
               shard_part: ShardPart | None = None) -> StageResult:
@@ -364,5 +421,8 @@ def status(cfg: ComatConfig, store: ArtifactStore, verify: bool = False) -> list
         if verify:
             shards = [n for n in shards if writer.shard_problem(n) is None]  # a bad shard is redone on the next run
         state = "partial" if shards or store.exists(store.path(stage, key)) else "missing"
+        others = other_outputs(cfg, store, stage) if state == "missing" else []
+        if others:  # e.g. a training run with another layout: say where, and what differs
+            url += f" (complete under other settings: {others[0][0]}, differing in {'; '.join(others[0][1][:2])})"
         out.append(StageStatus(stage, key, state, len(shards), url))
     return out

@@ -33,6 +33,12 @@ PUBLISHED = {
 }
 MODELS = ("base", "tuned")
 
+# Below these counts (per category, headline metric) an interval is too wide, and too unstable under the
+# prompt bootstrap, to say anything: the report and every copy of its numbers say so.
+MIN_PAIRS = 50
+MIN_PROMPTS = 10
+RANDOM_MODEL_SCHEMES = ("tiny://",)  # models built with random weights (the tiny presets)
+
 
 def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
@@ -97,6 +103,27 @@ def summarise(rows: Sequence[dict], categories: Sequence[str], headline: dict[st
     return out
 
 
+def caveat(summary: dict) -> str | None:
+    """Why these numbers carry no meaning, or None: random (tiny) models, or too few pairs or prompts.
+
+    The report, the console summary and the model card all print this sentence above the numbers,
+    and none of them then calls an interval significant."""
+    base = ((summary.get("models") or {}).get("pretrained") or {}).get("name", "")
+    if str(base).startswith(RANDOM_MODEL_SCHEMES):  # the evaluated model (the shapes world's judge is exact)
+        return ("These numbers carry no meaning: the models are random (tiny preset), built only to test that "
+                "the pipeline runs; no difference here is significant.")
+    small = []
+    for category, entry in (summary.get("results") or {}).items():
+        m = (entry.get("metrics") or {}).get(entry.get("headline_metric")) or {}
+        if m.get("n_pairs", 0) < MIN_PAIRS or m.get("n_prompts", 0) < MIN_PROMPTS:
+            small.append(f"{category} ({m.get('n_pairs', 0)} pairs, {m.get('n_prompts', 0)} prompts)")
+    if small:
+        return (f"These numbers carry no meaning: too few samples for an interval to say anything (at least "
+                f"{MIN_PAIRS} pairs over {MIN_PROMPTS} prompts per category; here {', '.join(small)}); "
+                "no difference here is significant.")
+    return None
+
+
 # ----------------------------------------------------------------------------------------------
 # Markdown
 
@@ -132,6 +159,9 @@ def render_markdown(summary: dict) -> str:
     else:
         lines = ["# Evaluation: base vs tuned (T2I-CompBench protocol)", ""]
         lines += ["## Scores", "", "T2I-CompBench score per category (higher is better).", "", TABLE_HEADER]
+    warning = caveat(summary)
+    if warning:
+        lines[2:2] = [f"> **{warning}**", ""]
     for category, entry in results.items():
         metric = entry["headline_metric"]
         if metric in entry["metrics"]:
