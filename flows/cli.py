@@ -239,6 +239,11 @@ def _dispatch(args) -> int:
         check_part(cfg, stages, force, args.part)  # a bad --part is named before anything else
     preflight(cfg, stages=stages, force=force)
     check_this_machine(cfg, stages=stages, force=force)  # the stages run here, in this process
+    from flows.cached import cached_results
+
+    results = None if args.part else cached_results(cfg, stages, force)  # all cache hits, no server: no Prefect
+    if results is not None:
+        return _print_results(cfg, results)
     # the heavy imports (torch, diffusers, Prefect) only now that the request is known to be valid
     if not args.verbose:
         from diffusers.utils import logging as diffusers_logging
@@ -249,6 +254,11 @@ def _dispatch(args) -> int:
     from flows.pipeline import comat
 
     results = comat(config=config_request(args), stages=stages, force=force)
+    return _print_results(cfg, results)
+
+
+def _print_results(cfg, results: dict[str, str]) -> int:
+    """The closing lines of ``comat run``: each stage's URL, then where the outputs are and how to load them."""
     width = max(len(s) for s in results) if results else 0
     for stage, url in results.items():
         print(f"{stage:<{width}}  {url}")
