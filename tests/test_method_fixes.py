@@ -244,3 +244,19 @@ def test_missing_offline_models_fail_before_any_work_in_one_line(tmp_path, monke
         check_models(cfg, ["gan_gt", "train"])
     assert "blip-image-captioning-large" not in str(err.value)
     check_models(load_config("tiny"))  # tiny:// models need no cache
+
+
+def test_online_a_hub_id_that_cannot_be_fetched_fails_before_any_work(tmp_path, monkeypatch):
+    """Online, a Hub id not in the cache is checked against the Hub (a wrong id, a gated model or no
+    network) before any stage computes, not when the stage that loads it gets there."""
+    from huggingface_hub import constants
+
+    from comat_core.preflight import check_models
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    cfg = load_config("tiny", overrides=["models.vqa=comat-tests-no-such-org/no-such-model"])
+    with pytest.raises(InputError, match=r"^models\.vqa=comat-tests-no-such-org/no-such-model") as err:
+        check_models(cfg, ["evaluate"])
+    assert "\n" not in str(err.value)
+    check_models(cfg, ["gan_gt"])  # gan_gt does not load the VQA model: nothing to ask the Hub
