@@ -160,12 +160,14 @@ def check_models(cfg: ComatConfig, stages: list[str] | None = None) -> None:
     Local paths must be model folders (``check_model_paths``). With ``HF_HUB_OFFLINE=1`` every Hub id
     must be in the Hub cache; the error's first line names the settings whose model is missing, and
     each following line is the ``hf download`` command of one model (configs and safetensors only),
-    ready to copy. Online, Hub ids are downloaded when first loaded.
+    ready to copy. Online, a Hub id not in the cache must exist on the Hub (``check_hub_ids``); it is
+    downloaded when first loaded.
     """
     from comat_core.models.loader import is_local, is_tiny, is_world
 
     check_model_paths(cfg)
     if not _hub_offline():
+        check_hub_ids(cfg, stages if stages is not None else cfg.stage_order())
         return
     missing: dict[str, list[str]] = {}  # Hub id -> the settings naming it (SD1.5 is pretrained and discriminator)
     for field in sorted(model_fields(cfg, stages if stages is not None else cfg.stage_order())):
@@ -180,6 +182,37 @@ def check_models(cfg: ComatConfig, stages: list[str] | None = None) -> None:
         commands = [download_command(fields[0], value) for value, fields in missing.items()]
         raise InputError(f"HF_HUB_OFFLINE=1 and {len(missing)} model(s) are not in the Hub cache ({_hub_cache()}): "
                          f"{named}; download them with these commands, one per line:\n" + "\n".join(commands))
+
+
+def check_hub_ids(cfg: ComatConfig, stages: list[str], timeout: float = 15.0) -> None:
+    """Online: every Hub id these stages load that is not in the Hub cache must exist and be readable
+    on the Hub now (one metadata request each), so a wrong id, a gated model without a token or no
+    network is named before any stage computes, not when the stage that loads it gets there."""
+    from comat_core.models.loader import is_local, is_tiny, is_world
+
+    ids = sorted({(f, getattr(cfg.models, f)) for f in model_fields(cfg, stages) if f != "sam_checkpoint"
+                  and isinstance(getattr(cfg.models, f), str)})
+    ids = [(f, v) for f, v in ids if not (is_tiny(v) or is_world(v) or is_local(v) or os.path.exists(v)
+                                          or _in_hub_cache(v))]
+    if not ids:
+        return
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    api = HfApi()
+    for field, value in ids:
+        try:
+            api.model_info(value, timeout=timeout)
+        except GatedRepoError:
+            raise InputError(f"models.{field}={value} is gated on the Hub: accept its terms there and set "
+                             "HF_TOKEN, or download it and set HF_HUB_OFFLINE=1") from None
+        except RepositoryNotFoundError:
+            raise InputError(f"models.{field}={value}: no such model on the Hub (or it is private: set "
+                             "HF_TOKEN); fix the id or use a local folder") from None
+        except Exception as e:  # noqa: BLE001 - no network, a proxy, a timeout: the stage's download would fail too
+            raise InputError(f"models.{field}={value} is not in the Hub cache ({_hub_cache()}) and the Hub "
+                             f"is not reachable ({type(e).__name__}); download it where there is a network "
+                             "and set HF_HUB_OFFLINE=1") from None
 
 
 def _hub_offline() -> bool:
@@ -279,8 +312,9 @@ def check_this_machine(cfg: ComatConfig, stages: list[str] | None = None, force:
     """What only the machine that computes can check: the Hugging Face ids of the stages it will
     compute are in its cache (under HF_HUB_OFFLINE=1), and a GPU is there when runtime.device=cuda.
 
-    ``comat run`` (stages in-process) calls it after ``preflight``; the parent flow does not, since with
-    deployments it runs on a CPU worker while the stages run on GPU workers with their own caches."""
+    ``comat run`` (stages in-process) calls it after ``preflight``, so does the parent flow when its
+    stages run in its process, and each stage flow for its stage; the parent flow does not with
+    ``dispatch=deployments``: it runs on a CPU worker while the stages run on GPU workers with their own caches."""
     todo = stages_to_compute(cfg, stages, force)
     if todo:
         check_models(cfg, todo)

@@ -3,7 +3,8 @@
 
 The config hash covers everything that was set (overrides, a config file, prompt files, storage);
 the storage hash is the one in the pipeline's artifact keys (``flows.artifacts.pipeline_scope``),
-so a run's name, its artifacts and its storage root point at each other.
+so a run's name, its artifacts and its storage root point at each other. A request whose config
+cannot be built is named ``<preset>: refused, config not valid ...``: the run stops at its config check.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ def describe(config: dict | None, stages: list[str] | None, force: list[str] | N
         values = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, default=str)
         store_hash = pipeline_scope(preset, ArtifactStore(cfg.storage.root, cfg.storage.options).root_url)
         label = f"{preset} {hashlib.sha256(values.encode()).hexdigest()[:6]}@{store_hash.rsplit('-', 1)[-1]}"
-    except Exception:  # noqa: BLE001 - a name must never fail the run; the flow reports the error
+    except Exception:  # noqa: BLE001 - a name must never fail the run; the flow refuses it with the error
         preset = config.get("preset") if isinstance(config, dict) else getattr(config, "preset", None)
-        label, order = preset or "config", list(stages or [])
+        return f"{preset or 'comat'}: refused, config not valid (the error is in the run's logs)"
     chosen = [s for s in order if not stages or s in stages]
     text = f"{label}: {' > '.join(chosen) or 'no stages'}"
     return text + (f" (force {', '.join(force)})" if force else "")

@@ -8,7 +8,7 @@ preset, another bucket) never interleave their histories. The parent run adds
 
 * ``progress`` - a progress artifact moved by the stage's ``ctx.progress(done, total, message)``;
 * ``outputs``  - a table: stage, key, cached or computed, file count, bytes, seconds, URL;
-* ``storage``  - a link to the stage's folder in the artifact store;
+* ``storage``  - the stage's folder in the artifact store (a link where a browser can open it, else the path);
 * ``images``   - the stage's preview images (gan_gt ``preview.png``, masks overlays, train
   ``samples/*.png``, evaluation grids), embedded as base64 PNG when small, else linked;
 * ``curves``   - the training curves from ``metrics.parquet`` as a table;
@@ -28,8 +28,10 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
+from urllib.parse import quote
 from uuid import UUID
 
 from prefect.artifacts import (
@@ -138,7 +140,7 @@ def publish_cached_note(store: ArtifactStore, result: StageResult, scope: str) -
     create_markdown_artifact(
         f"**{result.stage}** `{result.key}`: cached, nothing recomputed. Computed {when} in "
         f"{float(m.get('seconds', 0)):.1f} s; {len(m.get('files', {}))} files in "
-        f"[{result.url}]({folder_link(store, result.url)}).",
+        f"{folder_markdown(store, result.url)}.",
         key=artifact_key(scope, result.stage, "outputs"), description=f"{result.stage}: cache hit")
 
 
@@ -164,14 +166,36 @@ def publish_outputs(reader: StageReader, result: StageResult, seconds: float, sc
                                       f"summary: `{json.dumps(scalars, default=str)[:1500]}`")
 
 
-def folder_link(store: ArtifactStore, url: str) -> str:
-    return f"file://{url}" if store.is_local else url
+def folder_link(store: ArtifactStore, url: str) -> str | None:
+    """A web address that opens a stage folder, or None when there is none: a browser blocks
+    ``file://`` links from a web page, and a bare ``s3://`` URL opens nothing. An S3 folder on AWS
+    gets its S3 console address; a local path, another endpoint (MinIO, moto) or protocol has none."""
+    if store.is_local or not url.startswith("s3://"):
+        return None
+    fs = store.fs
+    endpoint = (getattr(fs, "endpoint_url", None) or (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url")
+                or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "")
+    if endpoint and "amazonaws.com" not in endpoint:
+        return None
+    bucket, _, prefix = url[len("s3://"):].partition("/")
+    return f"https://s3.console.aws.amazon.com/s3/buckets/{bucket}?prefix={quote(prefix.rstrip('/') + '/')}"
+
+
+def folder_markdown(store: ArtifactStore, url: str) -> str:
+    """A stage folder in markdown: a link where one opens (``folder_link``), else the path as text."""
+    link = folder_link(store, url)
+    return f"[{url}]({link})" if link else f"`{url}`"
 
 
 def publish_link(store: ArtifactStore, result: StageResult, scope: str) -> None:
-    create_link_artifact(folder_link(store, result.url), link_text=result.url,
-                         key=artifact_key(scope, result.stage, "storage"),
-                         description=f"storage folder of {result.stage} `{result.key}` (manifest: `_manifest.json`)")
+    key = artifact_key(scope, result.stage, "storage")
+    description = f"storage folder of {result.stage} `{result.key}` (manifest: `_manifest.json`)"
+    link = folder_link(store, result.url)
+    if link:
+        create_link_artifact(link, link_text=result.url, key=key, description=description)
+    else:
+        create_markdown_artifact(f"{result.stage} `{result.key}`: {folder_markdown(store, result.url)}",
+                                 key=key, description=description)
 
 
 def preview_images(files: list[str]) -> list[str]:
@@ -191,13 +215,15 @@ def _image_markdown(store: ArtifactStore, reader: StageReader, rel: str) -> str:
     if size <= INLINE_LIMIT:
         data = base64.b64encode(reader.read_bytes(rel)).decode()
         return f"**{rel}**\n\n![{rel}](data:image/png;base64,{data})\n"
-    return f"**{rel}** ({size / 1e6:.1f} MB): [{rel}]({_image_url(store, reader, rel)})\n"
+    url = _image_url(store, reader, rel)
+    where = f"[{rel}]({url})" if url else f"`{store.path(reader.stage, reader.key, rel)}`"
+    return f"**{rel}** ({size / 1e6:.1f} MB): {where}\n"
 
 
-def _image_url(store: ArtifactStore, reader: StageReader, rel: str) -> str:
+def _image_url(store: ArtifactStore, reader: StageReader, rel: str) -> str | None:
     path = store.path(reader.stage, reader.key, rel)
     if store.is_local:
-        return f"file://{path}"
+        return None  # a browser opens no file:// link from a web page: the path is shown as text
     from urllib.parse import unquote
 
     from comat_core.store.credentials import redact

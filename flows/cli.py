@@ -288,6 +288,11 @@ def _dispatch(args) -> int:
         check_part(cfg, stages, force, args.part)  # a bad --part is named before anything else
     preflight(cfg, stages=stages, force=force)
     check_this_machine(cfg, stages=stages, force=force)  # the stages run here, in this process
+    from flows.cached import cached_results
+
+    results = None if args.part else cached_results(cfg, stages, force)  # all cache hits, no server: no Prefect
+    if results is not None:
+        return _print_results(cfg, results)
     # the heavy imports (torch, diffusers, Prefect) only now that the request is known to be valid
     if not args.verbose:
         from diffusers.utils import logging as diffusers_logging
@@ -301,6 +306,16 @@ def _dispatch(args) -> int:
 
     started = time.time()
     results = comat(config=config_request(args), stages=stages, force=force)
+    return _print_results(cfg, results, started)
+
+
+def _print_results(cfg, results: dict[str, str], started: float | None = None) -> int:
+    """The closing lines of ``comat run``: the stage table (computed or cached), the headline evaluation,
+    where the outputs are and how to load them. ``started`` None: nothing was computed (the cached path)."""
+    import time
+
+    if started is None:
+        started = time.time()
     from comat_core.store.storage import ArtifactStore
     from flows.summary import closing_lines, headline_lines, stage_rows
 

@@ -6,9 +6,13 @@
                                      pool named `local` (created if missing), running the code of this
                                      checkout, so one `prefect worker start --pool local` runs everything
 
-Both run ``prefect --no-prompt deploy`` from the repository root (entrypoints are relative to it).
+Both run ``prefect --no-prompt deploy`` from the repository root (entrypoints are relative to it),
+then ``reconcile``: a schedule already registered keeps its active or paused state, parameters set
+in the UI that prefect.yaml does not set are kept, the run forms require ``config.storage`` (and
+show ``parallelism`` only where it is accepted), and every change is printed.
 
-GPU stages: every stage task that needs a GPU carries the tag ``gpu``; ``deploy(local=True)`` sets
+GPU stages: every stage task that needs a GPU and computes carries the tag ``gpu`` (a cache hit
+does not: it reads a manifest, and must not wait for a GPU slot); ``deploy(local=True)`` sets
 a concurrency limit on that tag of the machine's GPU count (``gpus``; at least 1, so a CPU-only box
 runs one heavy stage at a time), so one worker never runs two GPU stages at once, whether they are
 tasks of one pipeline run, stages of two runs, or fan-out parts. The limit holds server-wide: on
@@ -48,14 +52,17 @@ def load_spec(path: Path = PREFECT_FILE) -> dict:
 def local_profile(spec: dict, repo: Path = REPO, pool: str = LOCAL_POOL) -> dict:
     """prefect.yaml with every deployment on ``pool`` and the flow runs' working directory at ``repo``.
 
-    Job variables for images and GPUs are dropped (a process pool runs the code in place); schedules
-    are kept as they are (the retraining schedule stays paused).
+    Job variables for images and GPUs are dropped (a process pool runs the code in place); the tag
+    naming a deployment's pool becomes ``pool`` (no ``gpu`` tag on a deployment that runs on
+    ``local``); schedules are as in the file (``deploy`` keeps a registered schedule's state).
     """
     out = copy.deepcopy(spec)
     out.pop("definitions", None)
     out["pull"] = [{"prefect.deployments.steps.set_working_directory": {"directory": str(repo)}}]
+    pools = pools_of(spec)
     for d in out.get("deployments", []):
         d["work_pool"] = {"name": pool, "job_variables": {"labels": {"comat.io/pool": pool}}}
+        d["tags"] = [t for t in d.get("tags", []) if t not in pools] + [pool]
     return out
 
 
@@ -146,10 +153,138 @@ def deploy(names: list[str] | None = None, local: bool = False, prefect_file: Pa
             prefect_file = Path(tmp) / "prefect.local.yaml"
             prefect_file.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
         ensure_pools(pools_of(spec), create=local)
+        before = registered(spec, names)
         env = {**os.environ, "DO_NOT_TRACK": os.environ.get("DO_NOT_TRACK", "1")}
         rc = subprocess.run(deploy_command(prefect_file, names), cwd=REPO, env=env).returncode
+    if rc == 0:
+        for line in reconcile(spec, before, names):
+            print(line)
     if rc == 0 and not names:
         from flows.automations import apply_automations
 
         apply_automations(notify)
     return rc
+
+
+# ---------------------------------------------------------------- what a redeploy keeps
+
+def deployment_names(spec: dict, names: list[str] | None = None) -> dict[str, dict]:
+    """``{"<flow name>/<deployment name>": deployment spec}`` for the deployments in prefect.yaml
+    (only those ``names`` selects, as ``prefect deploy --name`` does: a name or ``flow/name``)."""
+    import importlib
+
+    out = {}
+    for d in spec.get("deployments", []):
+        module, _, fn = d["entrypoint"].partition(":")
+        flow = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), fn)
+        full = f"{flow.name}/{d['name']}"
+        if not names or full in names or d["name"] in names:
+            out[full] = d
+    return out
+
+
+def registered(spec: dict, names: list[str] | None = None) -> dict[str, object]:
+    """The deployments of ``spec`` as the server has them now (before ``prefect deploy`` replaces them)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    out = {}
+    with get_client(sync_client=True) as client:
+        for name in deployment_names(spec, names):
+            try:
+                out[name] = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                pass
+    return out
+
+
+def merge_kept(old, new):
+    """``new`` with what only ``old`` has added (keys ``new`` does not set, at any depth): a value set
+    in the UI and absent from prefect.yaml survives a redeploy; one prefect.yaml sets is replaced."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return new
+    out = dict(new)
+    for k, v in old.items():
+        out[k] = merge_kept(v, new[k]) if k in new else v
+    return out
+
+
+def changes(old, new, prefix: str = "") -> list[str]:
+    """Dotted paths where two parameter dicts differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in sorted(set(old) | set(new)) for c in changes(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def form_schema(schema: dict, spec: dict) -> dict:
+    """The run form of a deployment: ``config.storage`` required (a deployment run without it is
+    refused), ``config.values`` (what the pipeline passes to the stage runs it starts) hidden on the
+    deployments people start, and ``parallelism`` only where the deployment dispatches to workers."""
+    out = copy.deepcopy(schema)
+    request = out.get("definitions", {}).get("ConfigRequest")
+    props = out.get("properties", {})
+    if request:
+        request["properties"]["storage"] = {
+            "type": "string", "minLength": 1, "title": "Storage",
+            "description": "artifact store root every worker reads, e.g. s3://bucket/comat (required)"}
+        request["required"] = sorted(set(request.get("required", [])) | {"storage"})
+        if spec["entrypoint"].endswith("pipeline.py:comat"):
+            request["properties"].pop("values", None)
+        if "config" in props:
+            out["required"] = sorted(set(out.get("required", [])) | {"config"})
+    if "parallelism" in props and "parallelism" not in (spec.get("parameters") or {}):
+        props.pop("parallelism")
+    return out
+
+
+def reconcile(spec: dict, before: dict[str, object], names: list[str] | None = None) -> list[str]:
+    """After ``prefect deploy``: put back each schedule's active state and the parameters set in the
+    UI that prefect.yaml does not set, fit the run forms (``form_schema``); say what changed."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    lines = []
+    with get_client(sync_client=True) as client:
+        for name, d in deployment_names(spec, names).items():
+            now = client.read_deployment_by_name(name)
+            old = before.get(name)
+            update = {"parameter_openapi_schema": form_schema(now.parameter_openapi_schema or {}, d)}
+            if old is None:
+                lines.append(f"{name}: created")
+            else:
+                kept = merge_kept(old.parameters or {}, now.parameters or {})
+                if kept != (now.parameters or {}):
+                    update["parameters"] = kept
+                    lines.append(f"{name}: kept parameters set in the UI: {', '.join(changes(now.parameters or {}, kept))}")
+                replaced = changes(old.parameters or {}, kept)
+                if replaced:
+                    lines.append(f"{name}: parameters from prefect.yaml replace {', '.join(replaced)}")
+                for field in ("description", "tags", "work_pool_name", "entrypoint"):
+                    if getattr(old, field) != getattr(now, field):
+                        lines.append(f"{name}: {field} {getattr(old, field)!r} -> {getattr(now, field)!r}")
+                lines += restore_schedules(client, name, old, now)
+            client.update_deployment(now.id, DeploymentUpdate(**update))
+    return lines or ["deployments unchanged"]
+
+
+def restore_schedules(client, name: str, old, now) -> list[str]:
+    """A schedule that was registered keeps its active or paused state (matched by its schedule)."""
+    lines = []
+    states = {json_of(s.schedule): s.active for s in old.schedules or []}
+    for s in now.schedules or []:
+        was = states.get(json_of(s.schedule))
+        if was is None:
+            lines.append(f"{name}: new schedule {describe_schedule(s.schedule)} ({'active' if s.active else 'paused'})")
+        elif was != s.active:
+            client.update_deployment_schedule(now.id, s.id, active=was)
+            lines.append(f"{name}: schedule {describe_schedule(s.schedule)} kept {'active' if was else 'paused'} "
+                         f"(prefect.yaml says {'active' if s.active else 'paused'})")
+    return lines
+
+
+def json_of(schedule) -> str:
+    return schedule.model_dump_json()
+
+
+def describe_schedule(schedule) -> str:
+    return getattr(schedule, "cron", None) or type(schedule).__name__

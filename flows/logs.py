@@ -14,6 +14,7 @@ notices are noise in a pipeline log). ``COMAT_LIBRARY_LOGS=1`` leaves the librar
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import sys
@@ -39,8 +40,50 @@ class RunLogHandler(APILogHandler):
         super().emit(record)
 
 
+def explained(exc: BaseException | None) -> bool:
+    """An error comat already explains in one line (a ``ComatError``), or one raised from it."""
+    from comat_core.errors import ComatError
+
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, ComatError):
+            return True
+        exc, seen = exc.__cause__, seen + 1
+    return False
+
+
+class OneLineForExplainedErrors(logging.Filter):
+    """On a run-log handler: a record carrying an explained error (``explained``) goes to the run's
+    logs as its first line, without the traceback; Prefect's engine logs every failure with one (a
+    stage failure gave six chained tracebacks in the UI). The record itself is left whole, so the
+    other handlers (``comat run``'s debug log, a worker's console) still get the traceback."""
+
+    def __init__(self, handler: logging.Handler):
+        super().__init__()
+        self.handler = handler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (record.exc_info and explained(record.exc_info[1])):
+            return True
+        line = copy.copy(record)
+        line.msg, line.args = (record.getMessage().strip().splitlines() or [""])[0], None
+        line.exc_info = line.exc_text = line.stack_info = None
+        self.handler.emit(line)
+        return False
+
+
+def one_line_errors_in_run_logs() -> None:
+    """``OneLineForExplainedErrors`` on the API handlers of Prefect's run loggers and ours (idempotent)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs", PROJECT_LOGGER):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, APILogHandler) and not any(
+                    isinstance(f, OneLineForExplainedErrors) for f in handler.filters):
+                handler.addFilter(OneLineForExplainedErrors(handler))
+
+
 def forward_to_runs(level: int = logging.INFO) -> None:
-    """Send the ``comat`` loggers' records at ``level`` and above to the current Prefect run (idempotent)."""
+    """Send the ``comat`` loggers' records at ``level`` and above to the current Prefect run (idempotent);
+    an error comat explains reaches the run's logs as one line (``OneLineForExplainedErrors``)."""
     logger = logging.getLogger(PROJECT_LOGGER)
     if logger.getEffectiveLevel() > level:  # a worker's root logger is at WARNING; comat run -v stays at DEBUG
         logger.setLevel(level)
@@ -48,6 +91,7 @@ def forward_to_runs(level: int = logging.INFO) -> None:
         handler = RunLogHandler()
         handler.setLevel(level)
         logger.addHandler(handler)
+    one_line_errors_in_run_logs()
     redact_api_logs()
 
 

@@ -48,7 +48,7 @@ from prefect.states import Failed, State
 from comat_core.config import ComatConfig
 from comat_core.errors import ComatError, ConfigError, StorageError
 from comat_core.stages.registry import STAGES, compute_key, verify_inputs
-from comat_core.preflight import ConfigRequest, StageName, build_config, preflight
+from comat_core.preflight import ConfigRequest, StageName, build_config, check_this_machine, preflight
 from flows._naming import parent_run_name
 from flows.logs import forward_to_runs
 from tasks.stage import config_payload, open_store, run_stage_task
@@ -148,6 +148,8 @@ def comat(config: ConfigRequest | None = None, stages: list[StageName] | None = 
         require_storage(config)
         cfg = build_config(config)
         preflight(cfg, stages=stages, force=force)
+        if dispatch == "inline":  # the stages compute in this process: their models must be here (a GPU too)
+            check_this_machine(cfg, stages=stages, force=force)
     except ComatError as e:
         return refuse(e)
     order = [s for s in cfg.stage_order() if not stages or s in stages]

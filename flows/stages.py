@@ -16,7 +16,7 @@ from __future__ import annotations
 from prefect import flow
 
 from comat_core.errors import ComatError, ConfigError
-from comat_core.preflight import ConfigRequest, build_config, check_models
+from comat_core.preflight import ConfigRequest, build_config, check_this_machine
 from flows._naming import stage_run_name
 from flows.logs import forward_to_runs
 from flows.pipeline import refuse, require_storage
@@ -33,7 +33,7 @@ def run_one(stage: str, config: ConfigRequest | None, force: bool, part: list[in
             raise ConfigError(f"stage {stage} is not part of preset {cfg.preset}'s pipeline "
                               f"({', '.join(cfg.stage_order())}); check sdxl_prefinetune.enabled / models.family")
         open_store(cfg).check_reachable()
-        check_models(cfg, [stage])
+        check_this_machine(cfg, [stage], [stage] if force else None)  # its models (and GPU) when it computes
     except ComatError as e:
         return refuse(e)
     return run_stage_task(stage, cfg, force=force, part=part)

@@ -17,18 +17,28 @@ from comat_core.store.storage import ArtifactStore
 
 def stage_rows(cfg: ComatConfig, store: ArtifactStore, results: dict[str, str], started: float,
                failed: tuple[str, BaseException] | None = None) -> list[dict]:
-    """One row per stage run: stage, state (computed / cached / failed), key, seconds, url."""
+    """One row per stage run: stage, state (computed, with what it resumed from / cached / failed /
+    cancelled / interrupted), key, seconds, url (for the stage that stopped: why)."""
     rows = []
     for stage, url in results.items():
         key = url.rstrip("/").rsplit("/", 1)[-1]
         manifest = store.read_manifest(stage, key) or {}
         computed = float(manifest.get("finished_at", 0)) >= started
-        rows.append({"stage": stage, "state": "computed" if computed else "cached", "key": key,
+        state = "computed" + resumed_note(manifest.get("summary") or {}) if computed else "cached"
+        rows.append({"stage": stage, "state": state, "key": key,
                      "seconds": round(float(manifest.get("seconds", 0.0)), 1) if computed else 0.0, "url": url})
     if failed:
         stage, error = failed
-        rows.append({"stage": stage, "state": "failed", "key": "", "seconds": 0.0,
-                     "url": f"{type(error).__name__}: {error}"[:300]})
+        how = ending(error)
+        try:
+            from comat_core.stages.registry import compute_key
+
+            key = compute_key(cfg, store, stage)
+        except Exception:  # noqa: BLE001 - an input is missing: the stage has no key yet
+            key = ""
+        what = (f"{how}; its completed shards and checkpoints are kept, a rerun resumes" if how != "failed"
+                else f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}")
+        rows.append({"stage": stage, "state": how, "key": key, "seconds": 0.0, "url": what[:300]})
     return rows
 
 
@@ -43,6 +53,43 @@ def evaluation_summary(store: ArtifactStore, results: dict[str, str]) -> dict | 
     from comat_core.store.storage import StageReader
 
     return StageReader(store, "evaluate", manifest["key"], manifest).read_json("summary.json")
+
+
+def resumed_note(summary: dict) -> str:
+    """`` (resumed from step N)`` for a training that went on from a checkpoint, `` (resumed: k of n
+    shards were done)`` for a sharded stage that found committed shards; empty otherwise."""
+    if summary.get("resumed_from"):
+        return f" (resumed from step {summary['resumed_from']})"
+    if summary.get("shards_reused"):
+        return f" (resumed: {summary['shards_reused']} of {summary.get('shards', '?')} shards were done)"
+    return ""
+
+
+def ending(error: BaseException) -> str:
+    """How a stage stopped: ``cancelled`` (someone cancelled the run), ``interrupted`` (a signal or
+    Ctrl-C), or ``failed``."""
+    import asyncio
+
+    if isinstance(error, asyncio.CancelledError) or _cancel_requested():
+        return "cancelled"
+    if isinstance(error, (KeyboardInterrupt, SystemExit)) or type(error).__name__ == "TerminationSignal":
+        return "interrupted"
+    return "failed"
+
+
+def _cancel_requested() -> bool:
+    """The current flow run is being cancelled (the server moved it to Cancelling before stopping it)."""
+    try:
+        from prefect import get_client
+        from prefect.runtime import flow_run
+
+        if not flow_run.id:
+            return False
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run.id).state
+        return bool(state and (state.is_cancelling() or state.is_cancelled()))
+    except Exception:  # noqa: BLE001 - no server, no run: not a cancel
+        return False
 
 
 def headline_rows(store: ArtifactStore, results: dict[str, str]) -> list[dict]:
@@ -123,16 +170,18 @@ def _fmt(value) -> str:
 
 def summary_markdown(cfg: ComatConfig, store: ArtifactStore, rows: list[dict], headline: list[dict],
                      closing: list[str], started: float) -> str:
-    from flows.artifacts import evaluation_pictures, folder_link
+    from flows.artifacts import evaluation_pictures, folder_link, folder_markdown
 
     total = time.time() - started
-    counts = {s: sum(r["state"] == s for r in rows) for s in ("computed", "cached", "failed")}
+    counts = {s: sum(r["state"].split(" ")[0] == s for r in rows)
+              for s in ("computed", "cached", "failed", "cancelled", "interrupted")}
     out = [f"## comat run: preset `{cfg.preset}`, storage `{store.root_url}`",
            f"{counts['computed']} computed, {counts['cached']} cached"
-           + (f", **{counts['failed']} failed**" if counts["failed"] else "") + f" in {total:.0f} s\n",
+           + "".join(f", **{counts[s]} {s}**" for s in ("failed", "cancelled", "interrupted") if counts[s])
+           + f" in {total:.0f} s\n",
            "| stage | state | key | seconds | folder |", "|---|---|---|---|---|"]
     for r in rows:
-        folder = r["url"] if r["state"] == "failed" else f"[{r['url']}]({folder_link(store, r['url'])})"
+        folder = r["url"] if r["state"] in ("failed", "cancelled", "interrupted") else folder_markdown(store, r["url"])
         out.append(f"| {r['stage']} | {r['state']} | `{r['key']}` | {r['seconds']:g} | {folder} |")
     if headline:
         from comat_core.stages.evaluate.report import caveat

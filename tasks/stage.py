@@ -69,7 +69,7 @@ _TRANSIENT_NAMES = ("Connection", "Timeout", "Throttl", "SlowDown", "ServiceUnav
 
 def config_payload(cfg: ComatConfig) -> dict:
     """A config request that rebuilds exactly ``cfg`` anywhere (no config file to find on a worker)."""
-    return {"preset": cfg.preset, "values": cfg.model_dump(mode="json", exclude={"preset"})}
+    return {"preset": cfg.preset, "storage": cfg.storage.root, "values": cfg.model_dump(mode="json", exclude={"preset"})}
 
 
 def open_store(cfg: ComatConfig) -> ArtifactStore:
@@ -256,8 +256,12 @@ def run_stage_task(stage: str, cfg: ComatConfig, force: bool = False, part: list
     """Call the stage's task inside a flow and return its URL (raises if the task failed).
 
     The result of a stage that computes is persisted on the artifact store when it is local or S3
-    (``tasks/results.py``); a cache hit's is not."""
-    task = STAGE_TASKS[stage] if _complete(cfg, stage, force, part) else persisting(STAGE_TASKS[stage], cfg)
+    (``tasks/results.py``); a cache hit's is not, and a cache hit runs without the ``gpu`` tag, so the
+    GPU concurrency limit never makes an all-cached run wait behind a training."""
+    if _complete(cfg, stage, force, part):  # a cache hit reads a manifest: it must not wait for a GPU slot
+        task = STAGE_TASKS[stage].with_options(tags=[t for t in STAGE_TASKS[stage].tags if t != "gpu"] + ["cached"])
+    else:
+        task = persisting(STAGE_TASKS[stage], cfg)
     parameters = {"stage": stage, "config": config_payload(cfg), "force": force}
     if part is not None:
         parameters["part"] = list(part)

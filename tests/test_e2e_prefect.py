@@ -147,3 +147,58 @@ def _child_runs(parent_id):
     with get_client(sync_client=True) as client:
         return client.read_flow_runs(flow_run_filter=FlowRunFilter(
             parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id])))
+
+
+def test_deployment_runs_fail_in_one_line_and_deploy_keeps_schedules(services, e2e_env, worker, monkeypatch, capsys):
+    """On a real worker: a config error and a stage failure leave one line and no traceback in the run's
+    logs; a run without storage is refused at submission; a redeploy keeps a schedule's state and the
+    parameters set in the UI that prefect.yaml does not set, and says so."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    from flows.deploy import deploy
+    from test_orchestration import run_logs
+
+    monkeypatch.setenv("PREFECT_HOME", e2e_env["PREFECT_HOME"])
+    assert deploy(local=True) == 0
+    assert "comat/full-pipeline: created" in capsys.readouterr().out
+
+    out = subprocess.run(PREFECT + ["deployment", "run", "comat/full-pipeline", "--params",
+                                    json.dumps({"config": {"preset": "tiny"}})], env=e2e_env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode != 0 and "storage" in out.stdout + out.stderr, out.stdout + out.stderr
+
+    root = f"s3://{services['COMAT_TEST_S3_BUCKET']}/e2e-{uuid.uuid4().hex[:8]}"
+    bad = _deployment_run("comat/full-pipeline", {"config": {"preset": "tiny", "storage": root,
+                                                             "overrides": FAST + ["train.max_stpes=3"]}}, e2e_env)
+    missing = _deployment_run("comat-evaluate/gpu", {"config": {"preset": "tiny", "storage": root, "overrides": FAST}},
+                              e2e_env)
+    proc, log = worker
+    for run_id, needle in ((bad, "max_stpes"), (missing, "needs prompts")):
+        run = _wait_final(run_id, timeout=300)
+        assert run.state.is_failed(), f"{run.state}\n--- worker log ---\n{Path(log).read_text()[-4000:]}"
+        assert needle in run.state.message and "\n" not in run.state.message, run.state.message
+        logs = run_logs(run.id, "Finished in state Failed")
+        time.sleep(3)  # the engine's last lines arrive in the next batch
+        logs = run_logs(run.id, "Finished in state Failed")
+        assert any(needle in m for m in logs) and not any("Traceback" in m for m in logs), logs
+        if needle == "max_stpes":
+            assert run.name.startswith("tiny: refused, config not valid"), run.name
+
+    name = "comat/scheduled-retraining"
+    with get_client(sync_client=True) as client:
+        retrain = client.read_deployment_by_name(name)
+        client.update_deployment_schedule(retrain.id, retrain.schedules[0].id, active=True)
+        params = retrain.parameters
+        params["config"]["overrides"] = ["train.max_steps=5"]  # a UI edit of a value prefect.yaml leaves out
+        client.update_deployment(retrain.id, DeploymentUpdate(parameters=params))
+    assert deploy(local=True, names=["scheduled-retraining"]) == 0
+    printed = capsys.readouterr().out
+    assert "kept active" in printed and "config.overrides" in printed, printed
+    with get_client(sync_client=True) as client:
+        retrain = client.read_deployment_by_name(name)
+        assert retrain.schedules[0].active and retrain.parameters["config"]["overrides"] == ["train.max_steps=5"]
+        client.update_deployment_schedule(retrain.id, retrain.schedules[0].id, active=False)
+    assert deploy(local=True, names=["scheduled-retraining"]) == 0
+    with get_client(sync_client=True) as client:
+        assert not client.read_deployment_by_name(name).schedules[0].active  # paused stays paused

@@ -343,3 +343,19 @@ def test_step0_replay_in_the_training_precision(precision, tmp_path, request):
           f"training step rel L2 {step_rel:.3g}, max {step_max:.3g} (scale {gt.abs().max().item():.3g})")
     assert torch.equal(replay, gt)  # one sampler, one precision: bitwise
     assert step_rel <= (1e-5 if precision == "fp32" else 0.05)
+
+
+def test_online_a_hub_id_that_cannot_be_fetched_fails_before_any_work(tmp_path, monkeypatch):
+    """Online, a Hub id not in the cache is checked against the Hub (a wrong id, a gated model or no
+    network) before any stage computes, not when the stage that loads it gets there."""
+    from huggingface_hub import constants
+
+    from comat_core.preflight import check_models
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    cfg = load_config("tiny", overrides=["models.vqa=comat-tests-no-such-org/no-such-model"])
+    with pytest.raises(InputError, match=r"^models\.vqa=comat-tests-no-such-org/no-such-model") as err:
+        check_models(cfg, ["evaluate"])
+    assert "\n" not in str(err.value)
+    check_models(cfg, ["gan_gt"])  # gan_gt does not load the VQA model: nothing to ask the Hub

@@ -249,6 +249,11 @@ def test_stage_flow_without_inputs_fails_once_naming_the_stage_to_run(services, 
         state.result()
     runs = task_runs(state.state_details.flow_run_id, 1)
     assert runs[target].run_count == 1  # an input error is not retried
+    # the task and the flow both fail on it: each says so in one line, no traceback in the run's logs
+    logs = run_logs(state.state_details.flow_run_id, "Finished in state Failed('Flow run")
+    failures = [m for m in logs if "needs prompts" in m]
+    assert len(failures) >= 3 and not any("Traceback" in m or "\n" in m for m in failures), logs
+    assert not any("Traceback" in m for m in logs), logs
 
 
 def test_bad_parameters_are_refused_at_submission(services):
@@ -280,6 +285,11 @@ def test_a_bad_value_fails_the_run_at_its_start_with_one_line(services, tmp_path
         state.result()
     logs = run_logs(state.state_details.flow_run_id, "comat: error:")
     assert any(m.startswith("comat: error: ") for m in logs) and not any("Traceback" in m for m in logs), logs
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        name = client.read_flow_run(state.state_details.flow_run_id).name
+    assert name.startswith("tiny: refused, config not valid"), name  # not "tiny: no stages"
 
 
 def test_a_deployment_run_must_name_its_storage(services, monkeypatch):
@@ -325,6 +335,63 @@ def test_gpu_stages_carry_the_gpu_tag_and_a_time_limit(monkeypatch):
     assert gpu_timeout_seconds() == 1800
     monkeypatch.setenv(GPU_TIMEOUT_ENV, "0")
     assert gpu_timeout_seconds() is None
+
+
+def test_cache_hits_do_not_take_the_gpu_slot(services, baseline, store_copy):
+    """A GPU limit of 0 aborts any task run tagged gpu: an all-cached run still completes, so no cache
+    hit asked for a GPU slot (and none waits behind a training that holds it)."""
+    from prefect import get_client
+
+    from flows.deploy import GPU_TAG
+
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=0)
+    try:
+        results, flow_run_id = run_pipeline(store_copy)
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_concurrency_limit_by_tag(GPU_TAG)
+    runs = task_runs(flow_run_id, len(RUNNABLE))
+    assert {s: r.state.name for s, r in runs.items()} == {s: "Cached" for s in RUNNABLE}
+    assert not any(GPU_TAG in r.tags for r in runs.values()), {s: r.tags for s, r in runs.items()}
+
+
+def test_a_fully_cached_run_without_a_server_starts_no_prefect(baseline, tmp_path):
+    """comat run with nothing to compute and no PREFECT_API_URL: the keys answer, Prefect is not even
+    imported (no temporary server), and the closing lines are those of a run through the flow."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["run", "--storage", str(baseline["root"])] + [a for o in FAST for a in ("--set", o)]
+    code = ("import sys, json; from flows.cli import main; rc = main(json.loads(sys.argv[1])); "
+            "print('PREFECT-IMPORTED' if 'prefect' in sys.modules else 'no-prefect'); sys.exit(rc)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # no profile that could name a server
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], env=env, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "no-prefect", out.stdout
+    assert "temporary server" not in out.stderr and not (tmp_path / "prefect-home" / "prefect.db").exists()
+    for stage in RUNNABLE:
+        assert f"{stage}: cache hit {baseline['results'][stage]}" in out.stderr, out.stderr
+    for stage, url in baseline["results"].items():
+        assert re.search(rf"^{stage} +{re.escape(url)}$", out.stdout, re.M), out.stdout
+    assert f"LoRA:   {baseline['results']['train']}/lora" in out.stdout
+
+
+def test_with_a_server_or_work_to_do_the_run_goes_through_prefect(baseline, monkeypatch):
+    from flows.cached import cached_results, prefect_server_configured
+
+    cfg = load_config("tiny", overrides=FAST, extra={"storage": {"root": str(baseline["root"])}})
+    assert prefect_server_configured()  # the test services' PREFECT_API_URL
+    assert cached_results(cfg, None, None) is None
+    monkeypatch.delenv("PREFECT_API_URL")
+    monkeypatch.setenv("PREFECT_HOME", str(baseline["root"].parent / "no-prefect-home"))
+    assert cached_results(cfg, None, None) == baseline["results"]
+    assert cached_results(cfg, None, ["train"]) is None  # forced: computes
+    other = load_config("tiny", overrides=FAST + ["train.max_steps=3"], extra={"storage": {"root": str(baseline["root"])}})
+    assert cached_results(other, None, None) is None  # train and evaluate have no output under this config
 
 
 def test_two_concurrent_runs_on_one_store_compute_each_stage_once(services, baseline, store_copy):
@@ -544,6 +611,11 @@ def test_crash_in_sharded_stage_then_flow_retry_keeps_completed_shards(services,
     assert committed[names[0]] < crash_time  # shard 0 was committed by the crashed attempt ...
     assert all(committed[n] > crash_time for n in names[1:])  # ... and kept; the rest came after
     assert manifests(store_copy)[stage]["key"] == key
+    from flows.artifacts import artifact_key, pipeline_scope
+
+    summary = _latest_artifact(artifact_key(pipeline_scope("tiny", ArtifactStore(str(store_copy)).root_url), "run",
+                                            "summary"), flow_run.id)
+    assert f"| {stage} | computed (resumed: 1 of 2 shards were done) | `{key}` |" in summary.data, summary.data
 
 
 def test_a_killed_run_says_so_in_its_progress_and_states(services, baseline, store_copy):
@@ -589,6 +661,11 @@ def test_a_killed_run_says_so_in_its_progress_and_states(services, baseline, sto
     train = [r for r in train if r.name.startswith("train-")]
     assert flow_run.state.type.value == "CRASHED", flow_run.state
     assert [r.state.type.value for r in train] == ["CRASHED"], [r.state for r in train]
+    summary = _latest_artifact(artifact_key(pipeline_scope("tiny", ArtifactStore(str(store_copy)).root_url), "run",
+                                            "summary"), art.flow_run_id)
+    key = compute_key(load_config("tiny", overrides=FAST + [slow], extra={"storage": {"root": str(store_copy)}}),
+                      ArtifactStore(str(store_copy)), "train")
+    assert f"| train | interrupted | `{key}` |" in summary.data and "a rerun resumes" in summary.data, summary.data
 
 
 def _flow_filter(flow_run_id):
@@ -635,7 +712,8 @@ def test_parent_run_publishes_a_summary(baseline):
     assert "5 computed, 0 cached" in text
     for stage in RUNNABLE:
         m = baseline["manifests"][stage]
-        assert re.search(rf"\| {stage} \| computed \| `{m['key']}` \| [0-9.]+ \| \[{re.escape(baseline['results'][stage])}\]", text), stage
+        assert re.search(rf"\| {stage} \| computed \| `{m['key']}` \| [0-9.]+ \| `{re.escape(baseline['results'][stage])}` \|", text), stage
+    assert "file://" not in text  # a browser opens no file:// link from the UI: local paths are text
     summary = json.loads((Path(baseline["results"]["evaluate"]) / "summary.json").read_text())
     color = summary["results"]["color"]
     head = color["metrics"][color["headline_metric"]]
@@ -656,7 +734,7 @@ def test_each_stage_publishes_progress_outputs_and_storage_link(baseline):
         assert row["key"] == manifest["key"] and row["files"] == len(manifest["files"])
         assert row["bytes"] == sum(f["size"] for f in manifest["files"].values())
         link = _latest_artifact(key_of(baseline, stage, "storage"), run)
-        assert manifest["key"] in link.data
+        assert link.type == "markdown" and f"`{baseline['results'][stage]}`" in link.data, link.data
 
 
 def test_stage_specific_artifacts_follow_the_manifest(baseline):
@@ -709,6 +787,20 @@ def test_progress_reporter_sends_throttled_updates_and_the_final_one(services):
     assert probe() == [0.0, 10.0, 100.0]
 
 
+def test_a_stage_that_stopped_says_how_and_a_resumed_one_from_where():
+    import asyncio
+
+    from flows.summary import ending, resumed_note
+
+    assert resumed_note({"resumed_from": 400, "steps": 600}) == " (resumed from step 400)"
+    assert resumed_note({"resumed_from": None, "steps": 600}) == ""
+    assert resumed_note({"shards": 8, "shards_generated": 3, "shards_reused": 5}) == " (resumed: 5 of 8 shards were done)"
+    assert resumed_note({"shards": 8, "shards_generated": 8, "shards_reused": 0}) == ""
+    assert ending(asyncio.CancelledError()) == "cancelled"
+    assert ending(KeyboardInterrupt()) == "interrupted"
+    assert ending(InputError("no prompts")) == "failed"
+
+
 def test_artifact_helpers():
     import pyarrow as pa
 
@@ -751,10 +843,33 @@ def test_prefect_yaml_declares_the_deployments_and_the_local_profile_moves_them_
     gpu = next(d for d in spec["deployments"] if d["name"] == "gpu")["work_pool"]["job_variables"]
     assert gpu["gpu_count"] == 1 and gpu["image"]
 
+    for d in spec["deployments"]:  # each deployment's tags name its pool, and no other
+        assert d["work_pool"]["name"] in d["tags"] and not ({"cpu", "gpu"} - {d["work_pool"]["name"]}) & set(d["tags"])
+
     local = local_profile(spec)
+    assert all("local" in d["tags"] and not {"cpu", "gpu"} & set(d["tags"]) for d in local["deployments"])
     assert pools_of(local) == {"local"}
     assert local["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(REPO)
     assert [d["name"] for d in local["deployments"]] == [d["name"] for d in spec["deployments"]]
+
+
+def test_run_forms_require_storage_and_offer_only_accepted_fields():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.deploy import deployment_names, form_schema, load_spec
+    from flows.pipeline import comat
+    from flows.stages import STAGE_FLOWS
+
+    forms = {}
+    for name, d in deployment_names(load_spec()).items():
+        flow = comat if name.startswith("comat/") else STAGE_FLOWS[d["entrypoint"].rsplit(":", 1)[1]]
+        forms[name] = form_schema(parameter_schema(flow).model_dump(), d)
+    for name, form in forms.items():
+        request = form["definitions"]["ConfigRequest"]
+        assert "storage" in request["required"] and request["properties"]["storage"]["type"] == "string", name
+        assert "config" in form["required"], name
+        assert ("values" in request["properties"]) == (not name.startswith("comat/")), name  # stage runs get it
+    assert [n for n, f in forms.items() if "parallelism" in f["properties"]] == ["comat/full-pipeline-fanout"]
 
 
 def test_deploy_names_the_missing_work_pool(services):
