@@ -65,11 +65,19 @@ class OneLineForExplainedErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not (record.exc_info and explained(record.exc_info[1])):
             return True
+        error = record.exc_info[1]
+        text, said = _first_line(record.getMessage()), _first_line(str(error))
+        if said and said[:60] not in text:  # e.g. "Engine execution exited with unexpected exception"
+            text = f"{text}: {type(error).__name__}: {said}"
         line = copy.copy(record)
-        line.msg, line.args = (record.getMessage().strip().splitlines() or [""])[0], None
+        line.msg, line.args = text, None
         line.exc_info = line.exc_text = line.stack_info = None
         self.handler.emit(line)
         return False
+
+
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0]
 
 
 def one_line_errors_in_run_logs() -> None:
