@@ -34,6 +34,7 @@ from collections.abc import Callable
 from urllib.parse import quote
 from uuid import UUID
 
+from flows.rows import _clean, result_rows  # noqa: F401 - result_rows is used here and re-exported
 from prefect.artifacts import (
     create_image_artifact,
     create_link_artifact,
@@ -262,12 +263,6 @@ def publish_images(store: ArtifactStore, reader: StageReader, scope: str) -> Non
                               description=large[-1])
 
 
-def _clean(value):
-    if isinstance(value, float):
-        return None if math.isnan(value) or math.isinf(value) else float(f"{value:.6g}")
-    return value if isinstance(value, (int, str, bool)) or value is None else str(value)
-
-
 def curve_rows(table) -> list[dict]:
     """Rows of a metrics table (one per logged step), thinned to at most MAX_CURVE_ROWS, last row kept."""
     rows = table.to_pylist()
@@ -300,24 +295,6 @@ def publish_report(reader: StageReader, scope: str) -> None:
         text = "\n\n".join(reader.read_bytes(f).decode("utf-8", "replace") for f in reports)
         create_markdown_artifact(text, key=artifact_key(scope, reader.stage, "report"),
                                  description=f"{reader.stage} report ({', '.join(reports)})")
-
-
-def result_rows(results: dict) -> list[dict]:
-    """The evaluate stage's ``results`` ({category: {headline_metric, metrics: {metric: {base, tuned,
-    delta, ci95, n_pairs}}}}) as one row per category and metric; [] if it has another shape."""
-    rows = []
-    for category, entry in results.items():
-        metrics = entry.get("metrics") if isinstance(entry, dict) else None
-        if not isinstance(metrics, dict):
-            return []
-        for metric, m in metrics.items():
-            if not isinstance(m, dict):
-                return []
-            ci = m.get("ci95") if isinstance(m.get("ci95"), (list, tuple)) and len(m["ci95"]) == 2 else (None, None)
-            rows.append({"category": category, "metric": metric, "headline": metric == entry.get("headline_metric"),
-                         "base": _clean(m.get("base")), "tuned": _clean(m.get("tuned")), "delta": _clean(m.get("delta")),
-                         "ci95_low": _clean(ci[0]), "ci95_high": _clean(ci[1]), "pairs": _clean(m.get("n_pairs"))})
-    return rows
 
 
 def summary_rows(summary) -> list[dict]:

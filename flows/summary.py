@@ -94,7 +94,7 @@ def _cancel_requested() -> bool:
 
 def headline_rows(store: ArtifactStore, results: dict[str, str]) -> list[dict]:
     """The evaluation's headline metric per category (base, tuned, delta, 95 % CI), [] without evaluate."""
-    from flows.artifacts import result_rows
+    from flows.rows import result_rows
 
     summary = evaluation_summary(store, results)
     if not summary:
