@@ -10,6 +10,9 @@ filesystem block saved once per storage root:
   with **no credentials**: s3fs reads ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` (or the instance
   role) from the environment of whichever process writes or reads, as ``ArtifactStore`` does; the
   endpoint comes from ``storage.options`` or ``AWS_ENDPOINT_URL``, and is left out when neither sets it;
+  its client gives up on a stalled store within about ``storage.timeout``: connect and read timeouts of
+  a fifth of it each, one attempt per request in botocore, and s3fs's own five tries on a timeout
+  (Prefect writes these results itself, outside ``ArtifactStore``'s bound);
 * any other store (``memory://``, ``gs://``, ...): no persistence (the task keeps its result in memory).
 
 Caching is unchanged: the stage manifest in storage remains the only cache. Prefect writes a result
@@ -55,15 +58,21 @@ def result_storage(cfg: ComatConfig):
     if store.is_local:
         return _saved("local", store.path(RESULTS_DIR), "{}")
     if store.url().startswith("s3://"):
-        return _saved("s3", store.url(RESULTS_DIR), json.dumps(s3_settings(cfg.storage.options), sort_keys=True))
+        settings = s3_settings(cfg.storage.options, store.timeout)
+        return _saved("s3", store.url(RESULTS_DIR), json.dumps(settings, sort_keys=True))
     return None
 
 
-def s3_settings(options: dict) -> dict:
-    """fsspec settings of the result block: the endpoint only (from the options or the environment)."""
+def s3_settings(options: dict, timeout: float = 0) -> dict:
+    """fsspec settings of the result block: the endpoint (from the options or the environment) and, with a
+    ``timeout`` (storage.timeout), client timeouts that end a stalled request within about that time."""
     endpoint = (options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url")
                 or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
-    return {"endpoint_url": endpoint} if endpoint else {}
+    settings = {"endpoint_url": endpoint} if endpoint else {}
+    if timeout:
+        each = max(1.0, timeout / 5)  # s3fs tries a timed-out request 5 times
+        settings["config_kwargs"] = {"connect_timeout": each, "read_timeout": each, "retries": {"max_attempts": 1}}
+    return settings
 
 
 def block_name(kind: str, basepath: str, settings: str) -> str:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from comat_core.config import ComatConfig
 from comat_core.errors import ComatError, ConfigError, StorageError
-from comat_core.store.lease import stage_lease
+from comat_core.store.lease import describe, holders, stage_lease
 from comat_core.store.shards import ShardPart
 from comat_core.store.storage import ArtifactStore, StageReader, StageWriter, stage_key
 
@@ -342,7 +342,7 @@ def status(cfg: ComatConfig, store: ArtifactStore, verify: bool = False) -> list
     Without ``verify`` a stage is complete when its manifest is there (cheap: the manifest is written
     last). With ``verify`` every file of a complete stage, and of each committed shard of a partial
     one, is read and hashed against its manifest; a mismatch makes the stage ``corrupt`` and names
-    the files."""
+    the files. A stage some run holds the lease of says who and since when (``held by ...``)."""
     out = []
     for stage in cfg.stage_order():
         try:
@@ -367,4 +367,7 @@ def status(cfg: ComatConfig, store: ArtifactStore, verify: bool = False) -> list
             shards = [n for n in shards if writer.shard_problem(n) is None]  # a bad shard is redone on the next run
         state = "partial" if shards or store.exists(store.path(stage, key)) else "missing"
         out.append(StageStatus(stage, key, state, len(shards), url))
+    for row in out:
+        held = holders(store, row.stage, row.key) if row.key else []
+        row.detail += "".join(f"; {h['name']} held by {describe(h)}" for h in held)
     return out

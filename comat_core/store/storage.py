@@ -145,7 +145,8 @@ class ArtifactStore:
                     f.write(b"ok")
                 os.remove(probe)
             else:
-                self.fs.ls(self.root.split("/")[0], detail=False)
+                bucket = self.root.split("/")[0]
+                self._remote("list", bucket, self.fs.ls, bucket, detail=False)
         except Exception as e:  # noqa: BLE001 - any backend error means unreachable
             raise StorageError(f"storage {self.root_url!r} is not reachable: {_one_line(e)}") from None
 
@@ -194,6 +195,19 @@ class ArtifactStore:
             return self.fs.exists(path) if self.is_local else self._remote("check", path, self.fs.exists, path)
         except OSError as e:
             raise StorageError(f"cannot reach {path}: {_one_line(e)}") from None
+
+    def remove_file(self, path: str) -> None:
+        """Delete one file (bounded by ``storage.timeout`` on remote stores); a missing one is fine."""
+        try:
+            if self.is_local:
+                os.remove(path)
+            else:
+                self._remote("delete", path, self.fs.rm, path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StorageError(f"cannot delete {self.url_of(path)}: {_one_line(e)}") from None
+        self.fs.invalidate_cache(path.rsplit("/", 1)[0])
 
     def remove_tree(self, path: str) -> None:
         if self.exists(path):
