@@ -208,12 +208,6 @@ class StageLease:
             except StorageError as e:
                 log.warning("%s: could not renew the lease: %s", self.name, e)
 
-    def _still_mine(self) -> bool:
-        try:
-            return (self.holder() or {}).get("token") == self.token
-        except StorageError:
-            return False
-
     def start_renewing(self) -> None:
         self._thread = threading.Thread(target=self._renew, name=f"lease-{self.name}", daemon=True)
         self._thread.start()
@@ -227,7 +221,7 @@ class StageLease:
         if self._thread is not None:
             self._thread.join(timeout=5)
         try:
-            if self._still_mine():
+            if (self.holder() or {}).get("token") == self.token:
                 self._remove()
         except StorageError as e:
             log.warning("%s: could not delete the lease (%s); this process takes it over on its next attempt, "

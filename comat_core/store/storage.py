@@ -271,6 +271,21 @@ class ArtifactStore:
         self.fs.invalidate_cache()
         return aside
 
+    def promote(self, staged: str, path: str) -> None:
+        """Make the complete folder ``staged`` (manifest included) the folder ``path``, on stores where a
+        rename copies every file: the old manifest goes first (from then on the stage reads as incomplete,
+        never as the old manifest over new files), then the old files, then the new files are copied
+        server-side with the manifest last, and ``staged`` is removed. A crash in between leaves
+        ``staged`` complete; the next run finishes the promotion (``comat_core.stages.registry``)."""
+        self.remove_file(f"{path}/{MANIFEST}")
+        self.remove_tree(path)
+        found = self._remote("list", staged, self.fs.find, staged)
+        rels = sorted((f.rstrip("/")[len(staged.rstrip("/")) + 1:] for f in found), key=lambda r: (r == MANIFEST, r))
+        for rel in rels:
+            self._remote("copy", f"{staged}/{rel}", self.fs.copy, f"{staged}/{rel}", f"{path}/{rel}")
+        self.fs.invalidate_cache()
+        self.remove_tree(staged)
+
     def restore(self, aside: str, path: str) -> None:
         """Undo ``set_aside``: drop whatever is at ``path`` now and move ``aside`` back."""
         self.remove_tree(path)
@@ -360,6 +375,7 @@ class StageWriter:
 
     def __init__(self, store: ArtifactStore, stage: str, key: str):
         self.store, self.stage, self.key = store, stage, key
+        self.folder = key  # where the files go: the key, or a staging folder beside it (a forced recompute)
         self.files: dict[str, FileEntry] = {}
         self.started = time.time()
 
@@ -368,7 +384,7 @@ class StageWriter:
         return self.store.stage_url(self.stage, self.key)
 
     def path(self, rel: str) -> str:
-        return self.store.path(self.stage, self.key, rel)
+        return self.store.path(self.stage, self.folder, rel)
 
     # ---------------------------------------------------------------- files
     def put_bytes(self, rel: str, data: bytes) -> FileEntry:
