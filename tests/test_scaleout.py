@@ -287,7 +287,7 @@ def test_task_results_persist_on_s3_without_credentials_in_the_block(services, m
     from prefect import get_client
 
     from flows.pipeline import comat
-    from tasks.results import RESULTS_DIR, block_name, s3_settings
+    from tasks.results import RESULTS_DIR, block_name
 
     endpoint, bucket = services["COMAT_TEST_S3_ENDPOINT"], services["COMAT_TEST_S3_BUCKET"]
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
@@ -302,13 +302,10 @@ def test_task_results_persist_on_s3_without_credentials_in_the_block(services, m
     assert record["metadata"]["serializer"]["type"] == "json"
 
     basepath = f"{root}/{RESULTS_DIR}"
-    settings = s3_settings({}, 300.0)  # the endpoint, and client timeouts from storage.timeout (300 s)
-    assert settings == {"endpoint_url": endpoint, "config_kwargs": {
-        "connect_timeout": 60.0, "read_timeout": 60.0, "retries": {"max_attempts": 1}}}
     with get_client(sync_client=True) as client:
-        block = client.read_block_document_by_name(block_name("s3", basepath, json.dumps(settings, sort_keys=True)),
-                                                   "remote-file-system")
-    assert block.data == {"basepath": basepath, "settings": settings}
+        block = client.read_block_document_by_name(block_name("s3", basepath, json.dumps({"endpoint_url": endpoint})),
+                                                   "comat-result-storage")
+    assert block.data == {"basepath": basepath, "settings": {"endpoint_url": endpoint}, "timeout": 300.0}
     assert str(block.id) == record["metadata"]["storage_block_id"]
 
 

@@ -225,29 +225,7 @@ class ArtifactStore:
         aiohttp, ...) become ``StorageError`` too. Both are transient: the stage task retries them.
         The worker thread of an abandoned call is left to finish or fail on its own (it cannot be
         killed); writes are whole-object PUTs, so a late one still writes a complete file."""
-        url = self.url_of(path)
-        try:
-            if not self.timeout:
-                return fn(*args, **kwargs)
-            future = _storage_pool().submit(fn, *args, **kwargs)
-            start = time.monotonic()
-            while True:
-                left = self.timeout - (time.monotonic() - start)
-                try:
-                    return future.result(timeout=max(0.01, min(left, max(self.timeout / 4, 1.0))))
-                except FutureTimeout:
-                    waited = time.monotonic() - start
-                    if waited >= self.timeout:
-                        raise StorageError(f"storage {what} of {url} did not finish in {self.timeout:g} s "
-                                           "(storage.timeout); is the endpoint up?") from None
-                    log.warning("storage: %s of %s still waiting after %.0f s (gives up at %g s, storage.timeout)",
-                                what, url, waited, self.timeout)
-        except (OSError, StorageError):
-            raise
-        except Exception as e:  # noqa: BLE001 - only client/connection errors are translated
-            if type(e).__module__.split(".")[0] in _CLIENT_MODULES:
-                raise StorageError(f"cannot {what} {url}: {_one_line(e)}") from None
-            raise
+        return bounded_call(what, self.url_of(path), self.timeout, fn, *args, **kwargs)
 
     @property
     def renames_cheaply(self) -> bool:
@@ -595,6 +573,34 @@ class StageReader:
 
 
 # ---------------------------------------------------------------- helpers
+
+def bounded_call(what: str, url: str, timeout: float, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, given up after ``timeout`` seconds (0: unbounded) with a one-line
+    ``StorageError``; see ``ArtifactStore._remote``. Also bounds calls the store does not make itself
+    (Prefect's result storage, ``tasks/results.py``)."""
+    try:
+        if not timeout:
+            return fn(*args, **kwargs)
+        future = _storage_pool().submit(fn, *args, **kwargs)
+        start = time.monotonic()
+        while True:
+            left = timeout - (time.monotonic() - start)
+            try:
+                return future.result(timeout=max(0.01, min(left, max(timeout / 4, 1.0))))
+            except FutureTimeout:
+                waited = time.monotonic() - start
+                if waited >= timeout:
+                    raise StorageError(f"storage {what} of {url} did not finish in {timeout:g} s "
+                                       "(storage.timeout); is the endpoint up?") from None
+                log.warning("storage: %s of %s still waiting after %.0f s (gives up at %g s, storage.timeout)",
+                            what, url, waited, timeout)
+    except (OSError, StorageError):
+        raise
+    except Exception as e:  # noqa: BLE001 - only client/connection errors are translated
+        if type(e).__module__.split(".")[0] in _CLIENT_MODULES:
+            raise StorageError(f"cannot {what} {url}: {_one_line(e)}") from None
+        raise
+
 
 def _is_local(fs) -> bool:
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
