@@ -33,6 +33,7 @@ import json
 import logging
 import os
 
+from prefect._internal.compatibility.async_dispatch import async_dispatch
 from prefect.filesystems import RemoteFileSystem
 
 from comat_core.config import ComatConfig
@@ -104,14 +105,24 @@ class BoundedRemoteFileSystem(RemoteFileSystem):
     _block_type_slug = "comat-result-storage"
     timeout: float = 0.0
 
-    def read_path(self, path: str) -> bytes:
-        return bounded_call("read", self._resolve_path(path), self.timeout, super().read_path, path)
+    def _read(self, path: str) -> bytes:
+        parent = functools.partial(RemoteFileSystem.read_path, self, path, _sync=True)
+        return bounded_call("read", self._resolve_path(path), self.timeout, parent)
 
-    def write_path(self, path: str, content: bytes) -> str:
-        return bounded_call("write", self._resolve_path(path), self.timeout, super().write_path, path, content)
+    def _write(self, path: str, content: bytes) -> str:
+        parent = functools.partial(RemoteFileSystem.write_path, self, path, content, _sync=True)
+        return bounded_call("write", self._resolve_path(path), self.timeout, parent)
 
     async def aread_path(self, path: str) -> bytes:
-        return await asyncio.to_thread(self.read_path, path)
+        return await asyncio.to_thread(self._read, path)
+
+    @async_dispatch(aread_path)
+    def read_path(self, path: str) -> bytes:
+        return self._read(path)
 
     async def awrite_path(self, path: str, content: bytes) -> str:
-        return await asyncio.to_thread(self.write_path, path, content)
+        return await asyncio.to_thread(self._write, path, content)
+
+    @async_dispatch(awrite_path)
+    def write_path(self, path: str, content: bytes) -> str:
+        return self._write(path, content)

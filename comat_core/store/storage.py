@@ -24,12 +24,12 @@ import json
 import logging
 import os
 import platform
+import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -43,9 +43,20 @@ DEFAULT_TIMEOUT = 300.0  # seconds; storage.timeout
 _CLIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "gcsfs", "google")
 
 
-@lru_cache(maxsize=1)
-def _storage_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=8, thread_name_prefix="comat-storage")
+def _in_daemon_thread(fn, *args, **kwargs) -> Future:
+    """``fn(*args, **kwargs)`` in a daemon thread of its own: a call abandoned at the timeout (a store that
+    hangs for good) never keeps the process from exiting, as a pool's worker threads would."""
+    future: Future = Future()
+
+    def run() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+                future.set_exception(e)
+
+    threading.Thread(target=run, name="comat-storage", daemon=True).start()
+    return future
 
 MANIFEST = "_manifest.json"
 SHARD_DIR = "_shards"
@@ -581,7 +592,7 @@ def bounded_call(what: str, url: str, timeout: float, fn, *args, **kwargs):
     try:
         if not timeout:
             return fn(*args, **kwargs)
-        future = _storage_pool().submit(fn, *args, **kwargs)
+        future = _in_daemon_thread(fn, *args, **kwargs)
         start = time.monotonic()
         while True:
             left = timeout - (time.monotonic() - start)
