@@ -99,8 +99,10 @@ def gone_holder(held: dict) -> str | None:
 
 def describe(held: dict) -> str:
     """``pid 123 on host since 2026-01-01 12:00:00 UTC`` for logs and ``comat status``."""
-    since = held.get("since")
-    when = time.strftime(" since %Y-%m-%d %H:%M:%S UTC", time.gmtime(float(since))) if since else ""
+    try:
+        when = time.strftime(" since %Y-%m-%d %H:%M:%S UTC", time.gmtime(float(held["since"])))
+    except (KeyError, TypeError, ValueError, OverflowError, OSError):  # an older or foreign lease file
+        when = ""
     return f"pid {held.get('pid')} on {held.get('host')}{when}"
 
 
