@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
+import time
 
 EXIT_USAGE = 2
 
@@ -150,11 +152,33 @@ def _not_on_console(record: logging.LogRecord) -> bool:
 STAGE_ROW_FORMAT = "%-16s %-8s %s %s"  # flows/pipeline.py's publish_run_summary
 
 
+DEBUG_LOGS_KEPT = 20
+
+
 def debug_log_path() -> str:
-    """Where ``comat run`` writes every log record with its traceback: ``<cache>/logs/last-run.log``."""
+    """Where this ``comat run`` writes every log record with its traceback: ``<cache>/logs/run-<UTC time>-<pid>.log``,
+    one file per run (concurrent runs included); ``<cache>/logs/last-run.log`` links to the newest."""
     from comat_core.models.loader import cache_dir
 
-    return str(cache_dir() / "logs" / "last-run.log")
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return str(cache_dir() / "logs" / f"run-{stamp}-{os.getpid()}.log")
+
+
+def link_last_run(path: str, keep: int = DEBUG_LOGS_KEPT) -> None:
+    """Point ``last-run.log`` at ``path`` (a copy where links are refused) and keep only the newest ``keep`` run logs."""
+    folder = os.path.dirname(path)
+    last, tmp = os.path.join(folder, "last-run.log"), os.path.join(folder, f".last-run-{os.getpid()}")
+    try:
+        try:
+            os.symlink(os.path.basename(path), tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, last)
+        runs = sorted(n for n in os.listdir(folder) if n.startswith("run-") and n.endswith(".log"))
+        for old in runs[:-keep]:
+            os.remove(os.path.join(folder, old))
+    except OSError:
+        pass  # the run's own log is written; only the link or the pruning failed
 
 
 def setup_logging(verbose: bool, command: str) -> str | None:
@@ -179,6 +203,7 @@ def setup_logging(verbose: bool, command: str) -> str | None:
         handler = logging.FileHandler(path, mode="w", encoding="utf-8")
     except OSError:
         return None  # no debug log on a read-only home: the console still has the one-line errors
+    link_last_run(path)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.comat = True
     root.addHandler(add_redaction(handler))

@@ -313,8 +313,8 @@ def test_task_results_persist_on_s3_without_credentials_in_the_block(services, m
     basepath = f"{root}/{RESULTS_DIR}"
     with get_client(sync_client=True) as client:
         block = client.read_block_document_by_name(block_name("s3", basepath, json.dumps({"endpoint_url": endpoint})),
-                                                   "remote-file-system")
-    assert block.data == {"basepath": basepath, "settings": {"endpoint_url": endpoint}}
+                                                   "comat-result-storage")
+    assert block.data == {"basepath": basepath, "settings": {"endpoint_url": endpoint}, "timeout": 300.0}
     assert str(block.id) == record["metadata"]["storage_block_id"]
 
 

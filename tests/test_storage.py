@@ -142,3 +142,65 @@ def test_a_stage_lease_has_one_holder_and_expires_when_its_holder_stops(root, tm
     with pytest.raises(StorageError, match=r"train k3 is being computed by pid \d+ on .*waited 0 s"):
         with stage_lease(store, "train", "k3", poll=0.05, wait=0.1):
             pass
+
+
+HOLD_AND_DIE = """
+import os, sys
+from comat_core.store.lease import StageLease
+from comat_core.store.storage import ArtifactStore
+assert StageLease(ArtifactStore(sys.argv[1]), "masks", "k1").try_acquire()
+os._exit(0)  # gone without releasing, as after kill -9
+"""
+
+
+def test_a_lease_left_by_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path, caplog):
+    import logging
+    import subprocess
+    import sys
+
+    from comat_core.store.lease import StageLease, holders
+
+    store = ArtifactStore(str(tmp_path))
+    subprocess.run([sys.executable, "-c", HOLD_AND_DIE, str(tmp_path)], check=True, timeout=60,
+                   env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    (left,) = holders(store, "masks", "k1")
+    assert left["pid"] != os.getpid() and left["expires"] > time.time() + 200  # far from expiring
+    t0 = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="comat.lease"):
+        assert StageLease(store, "masks", "k1").try_acquire()
+    assert time.monotonic() - t0 < 5
+    assert f"held by pid {left['pid']} on " in caplog.text and "a process that is gone; taking the lease over now" \
+        in caplog.text
+
+
+def test_a_lease_this_process_could_not_delete_is_taken_over_by_its_next_attempt(tmp_path, caplog):
+    """A failed attempt whose lease delete failed (a stalled store): the retry in the same process takes it
+    over at once; a live lease of this process is still exclusive; one of another host waits for its expiry."""
+    import logging
+
+    from comat_core.store.lease import StageLease
+
+    store = ArtifactStore(str(tmp_path))
+    failed = StageLease(store, "train", "k1")
+    assert failed.try_acquire()
+    assert not StageLease(store, "train", "k1").try_acquire()  # held by a live attempt of this process
+
+    def stalled_delete():
+        raise StorageError("storage delete of x did not finish in 2 s (storage.timeout); is the endpoint up?")
+
+    failed._remove = stalled_delete
+    with caplog.at_level(logging.INFO, logger="comat.lease"):
+        failed.release()  # logged, not raised: the stage's own error is what the task reports
+        assert "could not delete the lease" in caplog.text
+        assert StageLease(store, "train", "k1").try_acquire()
+    assert "an earlier attempt of this process; taking the lease over now" in caplog.text
+
+    other = json.loads(open(store.path("_leases", "train-k1.json")).read())
+    other.update(owner="x", host="elsewhere", host_id="elsewhere/boot", token="t")
+    with open(store.path("_leases", "train-k1.json"), "w") as f:
+        json.dump(other, f)
+    assert not StageLease(store, "train", "k1").try_acquire()  # another host: only the expiry tells
+    other["expires"] = time.time() - 1
+    with open(store.path("_leases", "train-k1.json"), "w") as f:
+        json.dump(other, f)
+    assert StageLease(store, "train", "k1").try_acquire()

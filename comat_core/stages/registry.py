@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import re
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -24,9 +27,9 @@ from typing import Any, Callable
 from comat_core.config import ComatConfig
 from comat_core.errors import ComatError, ConfigError, StorageError
 from comat_core.progress import StageProgress
-from comat_core.store.lease import stage_lease
+from comat_core.store.lease import describe, holders, stage_lease
 from comat_core.store.shards import ShardPart
-from comat_core.store.storage import ArtifactStore, StageReader, StageWriter, stage_key
+from comat_core.store.storage import MANIFEST, ArtifactStore, StageReader, StageWriter, stage_key
 
 log = logging.getLogger("comat")
 
@@ -192,8 +195,36 @@ class StageContext:
 
     def scratch(self) -> Path:
         if self.workdir is None:
-            self.workdir = Path(tempfile.mkdtemp(prefix=f"comat-{self.stage}-"))
+            self.workdir = Path(tempfile.mkdtemp(prefix=scratch_prefix(self.stage)))
         return self.workdir
+
+
+def scratch_prefix(stage: str) -> str:
+    """``comat-<stage>-<pid>-``: a scratch folder in the temp directory names the process that uses it, so
+    one left by a killed run is recognised and removed by the next (``remove_leftovers``)."""
+    return f"comat-{stage}-{os.getpid()}-"
+
+
+_SCRATCH = re.compile(r"^comat-[a-z_-]+?-(\d+)-[a-z0-9_]{8}$")  # scratch_prefix + mkdtemp's 8 characters
+
+
+def remove_leftovers(store: ArtifactStore, stage: str, key: str) -> None:
+    """Remove what killed runs left behind: scratch folders of processes that are gone (temp directory) and,
+    under this key's lease (no live writer), the stage folder's unfinished ``*.tmp-*`` files (local disk)."""
+    from comat_core.store.lease import pid_alive
+
+    tmp = Path(tempfile.gettempdir())
+    for folder in tmp.glob("comat-*"):
+        match = _SCRATCH.match(folder.name)
+        if match and folder.is_dir() and not pid_alive(int(match.group(1))):
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed %s, left by a process that is gone", folder)
+    if store.is_local and os.path.isdir(store.path(stage, key)):
+        left = [p for p in Path(store.path(stage, key)).rglob("*.tmp-*") if p.is_file()]
+        for p in left:
+            p.unlink(missing_ok=True)
+        if left:
+            log.info("%s: removed %d unfinished file(s) (*.tmp-*) left by an interrupted run", stage, len(left))
 
 
 def name_or(stage: str) -> str:
@@ -311,20 +342,28 @@ def run_stage(cfg: ComatConfig, store: ArtifactStore, stage: str, *, force: bool
         if not compute:
             log.info("%s: cache hit %s (computed by another run meanwhile)", stage, store.stage_url(stage, key))
             return StageResult(stage, key, store.stage_url(stage, key), True, store.read_manifest(stage, key))
+        if not force and shard_part is None and _finish_promotion(store, stage, key):
+            return StageResult(stage, key, store.stage_url(stage, key), True, store.read_manifest(stage, key))
         aside = _force_aside(cfg, store, stage, key) if force else None
-        return _compute(cfg, store, spec, stage, key, progress, hooks, shard_part, aside)
+        staged = f".{key}.staged-{uuid.uuid4().hex[:8]}" if force and not store.renames_cheaply else None
+        return _compute(cfg, store, spec, stage, key, progress, hooks, shard_part, aside, staged)
 
 
 def _compute(cfg: ComatConfig, store: ArtifactStore, spec: Stage, stage: str, key: str, progress, hooks,
-             shard_part: ShardPart | None, aside: str | None = None) -> StageResult:
+             shard_part: ShardPart | None, aside: str | None = None, staged: str | None = None) -> StageResult:
     """Run the stage function under its lease, then commit its manifest (unless it is a fan-out part).
 
-    ``aside``: the old output of a forced stage, put back if this fails, removed once the new one is committed."""
+    ``aside``: the old output of a forced stage, put back if this fails, removed once the new one is committed.
+    ``staged``: a forced stage on an object store writes into this folder beside the old output, which
+    stays in place and readable until the new one is complete (``ArtifactStore.promote``)."""
     inputs = {n: store.reader(n, compute_key(cfg, store, n)) for n in stage_inputs(cfg, stage)}
     writer = store.writer(stage, key)
     display = StageProgress(stage, progress)  # a bar on a terminal, lines with rate and ETA in the log
+    writer.folder = staged or key
     ctx = StageContext(with_world_models(cfg, inputs), store, stage, key, writer, inputs, display,
                        hooks or {}, shard_part)
+    if shard_part is None:  # a fan-out part shares the folder with the other parts: it leaves their files alone
+        remove_leftovers(store, stage, key)
     log.info("%s: computing %s", stage, writer.url)
     t0 = time.time()
     try:
@@ -333,6 +372,9 @@ def _compute(cfg: ComatConfig, store: ArtifactStore, spec: Stage, stage: str, ke
         if aside is not None:
             store.restore(aside, store.path(stage, key))
             log.warning("%s: forced recompute failed; the previous output is back at %s", stage, writer.url)
+        if staged is not None:
+            _drop(store, store.path(stage, staged))
+            log.warning("%s: forced recompute failed; the previous output at %s was not touched", stage, writer.url)
         raise
     finally:
         display.close()
@@ -349,10 +391,32 @@ def _compute(cfg: ComatConfig, store: ArtifactStore, spec: Stage, stage: str, ke
         summary=summary,
         code_version=spec.code_version,
     )
+    if staged is not None:
+        store.promote(store.path(stage, staged), store.path(stage, key))
     for name in store.listdir(store.path(stage)):  # the new output is committed: now the old one may go
-        if name.startswith(f".{key}.replaced-"):  # (also one left by a forced run that was killed)
+        if name.startswith((f".{key}.replaced-", f".{key}.staged-")):  # (also one left by a forced run that was killed)
             store.remove_tree(store.path(stage, name))
     return StageResult(stage, key, writer.url, False, manifest)
+
+
+def _finish_promotion(store: ArtifactStore, stage: str, key: str) -> bool:
+    """A forced run killed while promoting its complete staged output (``ArtifactStore.promote``): finish it.
+    True when the stage is complete now."""
+    staged = [n for n in store.listdir(store.path(stage)) if n.startswith(f".{key}.staged-")
+              and store.read_json_manifest(store.path(stage, n, MANIFEST), "staged stage") is not None]
+    if not staged or store.read_manifest(stage, key) is not None:
+        return False
+    log.info("%s: finishing the promotion of %s, a complete forced recompute an interrupted run left", stage, staged[0])
+    store.promote(store.path(stage, staged[0]), store.path(stage, key))
+    return store.read_manifest(stage, key) is not None
+
+
+def _drop(store: ArtifactStore, path: str) -> None:
+    """Best-effort removal of a failed run's staging folder (the stage's own error is what counts)."""
+    try:
+        store.remove_tree(path)
+    except StorageError as e:
+        log.warning("could not remove %s (%s); the next forced run of this key removes it", path, e)
 
 
 def with_world_models(cfg: ComatConfig, inputs: dict[str, StageReader]) -> ComatConfig:
@@ -373,13 +437,10 @@ def verify_inputs(cfg: ComatConfig, store: ArtifactStore, stage: str) -> None:
 def _force_aside(cfg: ComatConfig, store: ArtifactStore, stage: str, key: str) -> str | None:
     """``force``: verify every input file first (a corrupt input fails here, before the old output is
     touched), then move the old output aside (restored if the recompute fails, removed after the
-    commit). On stores where a rename copies every file (S3, GCS) the old output is removed instead."""
+    commit). On stores where a rename copies every file (S3, GCS) the old output stays where it is and
+    the recompute writes beside it (``staged`` in ``_compute``)."""
     verify_inputs(cfg, store, stage)
-    path = store.path(stage, key)
-    if store.renames_cheaply:
-        return store.set_aside(path)
-    store.remove_tree(path)
-    return None
+    return store.set_aside(store.path(stage, key)) if store.renames_cheaply else None
 
 
 @dataclass
@@ -397,7 +458,7 @@ def status(cfg: ComatConfig, store: ArtifactStore, verify: bool = False) -> list
     Without ``verify`` a stage is complete when its manifest is there (cheap: the manifest is written
     last). With ``verify`` every file of a complete stage, and of each committed shard of a partial
     one, is read and hashed against its manifest; a mismatch makes the stage ``corrupt`` and names
-    the files."""
+    the files. A stage some run holds the lease of says who and since when (``held by ...``)."""
     out = []
     for stage in cfg.stage_order():
         try:
@@ -425,4 +486,7 @@ def status(cfg: ComatConfig, store: ArtifactStore, verify: bool = False) -> list
         if others:  # e.g. a training run with another layout: say where, and what differs
             url += f" (complete under other settings: {others[0][0]}, differing in {'; '.join(others[0][1][:2])})"
         out.append(StageStatus(stage, key, state, len(shards), url))
+    for row in out:
+        held = holders(store, row.stage, row.key) if row.key else []
+        row.detail += "".join(f"; {h['name']} held by {describe(h)}" for h in held)
     return out

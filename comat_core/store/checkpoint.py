@@ -191,7 +191,7 @@ def prune_checkpoints(writer: StageWriter, keep_last: int) -> list[int]:
     deleted = []
     for ref in refs[: max(0, len(refs) - keep_last)]:
         files = list(writer.shard_meta(ref.shard)["files"])
-        writer.store.fs.rm(writer.shard_manifest_path(ref.shard))  # incomplete from here on
+        writer.store.remove_file(writer.shard_manifest_path(ref.shard))  # incomplete from here on
         writer.store.remove_tree(writer.path(ref.folder))
         for rel in files:
             writer.files.pop(rel, None)

@@ -24,12 +24,12 @@ import json
 import logging
 import os
 import platform
+import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -44,9 +44,20 @@ DEFAULT_TIMEOUT = 300.0  # seconds; storage.timeout
 _CLIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "gcsfs", "google")
 
 
-@lru_cache(maxsize=1)
-def _storage_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=8, thread_name_prefix="comat-storage")
+def _in_daemon_thread(fn, *args, **kwargs) -> Future:
+    """``fn(*args, **kwargs)`` in a daemon thread of its own: a call abandoned at the timeout (a store that
+    hangs for good) never keeps the process from exiting, as a pool's worker threads would."""
+    future: Future = Future()
+
+    def run() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+                future.set_exception(e)
+
+    threading.Thread(target=run, name="comat-storage", daemon=True).start()
+    return future
 
 MANIFEST = "_manifest.json"
 SHARD_DIR = "_shards"
@@ -152,7 +163,8 @@ class ArtifactStore:
                     f.write(b"ok")
                 os.remove(probe)
             else:
-                self.fs.ls(self.root.split("/")[0], detail=False)
+                bucket = self.root.split("/")[0]
+                self._remote("list", bucket, self.fs.ls, bucket, detail=False)
         except Exception as e:  # noqa: BLE001 - any backend error means unreachable
             raise StorageError(f"storage {self.root_url!r} is not reachable: {_one_line(e)}") from None
 
@@ -202,6 +214,19 @@ class ArtifactStore:
         except OSError as e:
             raise StorageError(f"cannot reach {path}: {_one_line(e)}") from None
 
+    def remove_file(self, path: str) -> None:
+        """Delete one file (bounded by ``storage.timeout`` on remote stores); a missing one is fine."""
+        try:
+            if self.is_local:
+                os.remove(path)
+            else:
+                self._remote("delete", path, self.fs.rm, path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StorageError(f"cannot delete {self.url_of(path)}: {_one_line(e)}") from None
+        self.fs.invalidate_cache(path.rsplit("/", 1)[0])
+
     def remove_tree(self, path: str) -> None:
         if self.exists(path):
             if self.is_local:
@@ -218,29 +243,7 @@ class ArtifactStore:
         aiohttp, ...) become ``StorageError`` too. Both are transient: the stage task retries them.
         The worker thread of an abandoned call is left to finish or fail on its own (it cannot be
         killed); writes are whole-object PUTs, so a late one still writes a complete file."""
-        url = self.url_of(path)
-        try:
-            if not self.timeout:
-                return fn(*args, **kwargs)
-            future = _storage_pool().submit(fn, *args, **kwargs)
-            start = time.monotonic()
-            while True:
-                left = self.timeout - (time.monotonic() - start)
-                try:
-                    return future.result(timeout=max(0.01, min(left, max(self.timeout / 4, 1.0))))
-                except FutureTimeout:
-                    waited = time.monotonic() - start
-                    if waited >= self.timeout:
-                        raise StorageError(f"storage {what} of {url} did not finish in {self.timeout:g} s "
-                                           "(storage.timeout); is the endpoint up?") from None
-                    log.warning("storage: %s of %s still waiting after %.0f s (gives up at %g s, storage.timeout)",
-                                what, url, waited, self.timeout)
-        except (OSError, StorageError):
-            raise
-        except Exception as e:  # noqa: BLE001 - only client/connection errors are translated
-            if type(e).__module__.split(".")[0] in _CLIENT_MODULES:
-                raise StorageError(f"cannot {what} {url}: {_one_line(e)}") from None
-            raise
+        return bounded_call(what, self.url_of(path), self.timeout, fn, *args, **kwargs)
 
     @property
     def renames_cheaply(self) -> bool:
@@ -263,6 +266,21 @@ class ArtifactStore:
             self.fs.mv(path, aside, recursive=True)
         self.fs.invalidate_cache()
         return aside
+
+    def promote(self, staged: str, path: str) -> None:
+        """Make the complete folder ``staged`` (manifest included) the folder ``path``, on stores where a
+        rename copies every file: the old manifest goes first (from then on the stage reads as incomplete,
+        never as the old manifest over new files), then the old files, then the new files are copied
+        server-side with the manifest last, and ``staged`` is removed. A crash in between leaves
+        ``staged`` complete; the next run finishes the promotion (``comat_core.stages.registry``)."""
+        self.remove_file(f"{path}/{MANIFEST}")
+        self.remove_tree(path)
+        found = self._remote("list", staged, self.fs.find, staged)
+        rels = sorted((f.rstrip("/")[len(staged.rstrip("/")) + 1:] for f in found), key=lambda r: (r == MANIFEST, r))
+        for rel in rels:
+            self._remote("copy", f"{staged}/{rel}", self.fs.copy, f"{staged}/{rel}", f"{path}/{rel}")
+        self.fs.invalidate_cache()
+        self.remove_tree(staged)
 
     def restore(self, aside: str, path: str) -> None:
         """Undo ``set_aside``: drop whatever is at ``path`` now and move ``aside`` back."""
@@ -361,6 +379,7 @@ class StageWriter:
 
     def __init__(self, store: ArtifactStore, stage: str, key: str):
         self.store, self.stage, self.key = store, stage, key
+        self.folder = key  # where the files go: the key, or a staging folder beside it (a forced recompute)
         self.files: dict[str, FileEntry] = {}
         self.started = time.time()
 
@@ -369,7 +388,7 @@ class StageWriter:
         return self.store.stage_url(self.stage, self.key)
 
     def path(self, rel: str) -> str:
-        return self.store.stage_file(self.stage, self.key, rel)
+        return self.store.stage_file(self.stage, self.folder, rel)
 
     # ---------------------------------------------------------------- files
     def put_bytes(self, rel: str, data: bytes) -> FileEntry:
@@ -581,6 +600,34 @@ class StageReader:
 
 
 # ---------------------------------------------------------------- helpers
+
+def bounded_call(what: str, url: str, timeout: float, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, given up after ``timeout`` seconds (0: unbounded) with a one-line
+    ``StorageError``; see ``ArtifactStore._remote``. Also bounds calls the store does not make itself
+    (Prefect's result storage, ``tasks/results.py``)."""
+    try:
+        if not timeout:
+            return fn(*args, **kwargs)
+        future = _in_daemon_thread(fn, *args, **kwargs)
+        start = time.monotonic()
+        while True:
+            left = timeout - (time.monotonic() - start)
+            try:
+                return future.result(timeout=max(0.01, min(left, max(timeout / 4, 1.0))))
+            except FutureTimeout:
+                waited = time.monotonic() - start
+                if waited >= timeout:
+                    raise StorageError(f"storage {what} of {url} did not finish in {timeout:g} s "
+                                       "(storage.timeout); is the endpoint up?") from None
+                log.warning("storage: %s of %s still waiting after %.0f s (gives up at %g s, storage.timeout)",
+                            what, url, waited, timeout)
+    except (OSError, StorageError):
+        raise
+    except Exception as e:  # noqa: BLE001 - only client/connection errors are translated
+        if type(e).__module__.split(".")[0] in _CLIENT_MODULES:
+            raise StorageError(f"cannot {what} {url}: {_one_line(e)}") from None
+        raise
+
 
 def _is_local(fs) -> bool:
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]

@@ -97,11 +97,12 @@ def launch_command(cfg: ComatConfig, request: Path) -> list[str]:
     return cmd + ["-m", MODULE, "--request", str(request)]
 
 
-def write_request(cfg: ComatConfig, key: str, folder: Path, hooks: dict | None = None) -> Path:
-    """The request every process reads: the full config, the stage key, a local scratch folder, test hooks."""
+def write_request(cfg: ComatConfig, key: str, folder: Path, hooks: dict | None = None, output: str = "") -> Path:
+    """The request every process reads: the full config, the stage key, a local scratch folder, test hooks,
+    and the store folder the output goes to (``output``: the key's, or a forced run's staging folder)."""
     folder.mkdir(parents=True, exist_ok=True)
     request = {"config": {"preset": cfg.preset, "values": cfg.model_dump(mode="json", exclude={"preset"})},
-               "key": key, "scratch": str(folder),
+               "key": key, "scratch": str(folder), "output": output or key,
                "hooks": {k: v for k, v in (hooks or {}).items() if isinstance(v, (bool, int, float, str))}}
     path = folder / "request.json"
     path.write_text(json.dumps(request, indent=2), encoding="utf-8")
@@ -117,7 +118,7 @@ def run_launched(ctx) -> dict:
     result = ctx.writer.shard_manifest_path(RESULT_SHARD)
     if ctx.store.exists(result):  # from an earlier launch: it must not stand for this one
         ctx.store.remove_tree(result)
-    request = write_request(ctx.cfg, ctx.key, ctx.scratch() / "launch", ctx.hooks)
+    request = write_request(ctx.cfg, ctx.key, ctx.scratch() / "launch", ctx.hooks, ctx.writer.folder)
     run_command(launch_command(ctx.cfg, request), ctx.progress)
     if not ctx.writer.shard_done(RESULT_SHARD):
         raise IntegrityError(f"{ctx.writer.url}: training finished without a complete {RESULT_SHARD} shard; "
@@ -162,7 +163,7 @@ def join(config_request: dict) -> None:
         raise ConfigError("machine 0 runs the train stage itself (comat run --stages train, or the comat-train "
                           "deployment); join is for train.machine_rank >= 1")
     key = compute_key(cfg, ArtifactStore(cfg.storage.root, cfg.storage.options, cfg.storage.timeout), STAGE)
-    with tempfile.TemporaryDirectory(prefix="comat-train-join-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"comat-train-join-{os.getpid()}-") as tmp:  # pid: see scratch_prefix
         run_command(launch_command(cfg, write_request(cfg, key, Path(tmp))))
 
 
@@ -192,7 +193,9 @@ def train_from_request(request: dict) -> dict:
     scratch = Path(request["scratch"]) / f"rank-{rank}"
     scratch.mkdir(parents=True, exist_ok=True)
     inputs = {n: store.reader(n, compute_key(cfg, store, n)) for n in stage_inputs(cfg, STAGE)}
-    ctx = StageContext(with_world_models(cfg, inputs), store, STAGE, key, store.writer(STAGE, key), inputs,
+    writer = store.writer(STAGE, key)
+    writer.folder = request.get("output") or key
+    ctx = StageContext(with_world_models(cfg, inputs), store, STAGE, key, writer, inputs,
                        progress=_print_progress if main else _no_progress, hooks=dict(request.get("hooks") or {}),
                        workdir=scratch)
     summary = train_in_process(ctx)
