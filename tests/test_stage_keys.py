@@ -18,18 +18,18 @@ from comat_core.store.storage import ArtifactStore, sha256_bytes
 GOLDEN = {
     "tiny": {
         "prompts": "4e7ca2d6806c2405",
-        "gan_gt": "5c42de4994319203",
-        "masks": "e88270f1c08c22d8",
-        "train": "e92009ec1e681d76",
-        "evaluate": "d5e1900618001835",
+        "gan_gt": "cf7706e303a7a7e9",
+        "masks": "540ed84f0afe5783",
+        "train": "5def5288d90b8b9e",
+        "evaluate": "f811c6ac2b9b6d16",
     },
     "tiny-sdxl": {
         "prompts": "e0643aedc5190f14",
         "sdxl_prefinetune": "b2dc8971548a50dc",
-        "gan_gt": "c0b470892f437ab8",
-        "masks": "d6d5930a0d0d3c17",
-        "train": "d961a6466df92be0",
-        "evaluate": "f259df0e14381b57",
+        "gan_gt": "5eba03c242eaeecc",
+        "masks": "cb14aa625cae919d",
+        "train": "c90a9ce69b6b4508",
+        "evaluate": "68bd978d673908f4",
     },
 }
 

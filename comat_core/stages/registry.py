@@ -67,7 +67,8 @@ STAGES: dict[str, Stage] = {
         Stage("prompts", (), "1", "comat_core.stages.prompts:run", models=("family", "pretrained")),
         Stage("sdxl_prefinetune", ("prompts",), "1", "comat_core.stages.prefinetune:run",
               models=("family", "pretrained", "vae"), runtime=("mixed_precision", "seed"), gpu=True, sharded=True),
-        Stage("gan_gt", ("prompts", "sdxl_prefinetune"), "2", "comat_core.stages.gan_gt:run",
+        # gan_gt 3: drawn by the trainer's sampler in the training precision (was a diffusers pipeline)
+        Stage("gan_gt", ("prompts", "sdxl_prefinetune"), "3", "comat_core.stages.gan_gt:run",
               models=("family", "pretrained", "vae"), runtime=("mixed_precision",), gpu=True, sharded=True,
               records=("preview.png",)),
         Stage("masks", ("prompts", "gan_gt"), "2", "comat_core.stages.masks.stage:run",
