@@ -111,7 +111,9 @@ def test_a_planted_secret_is_nowhere_after_a_run(server_and_s3, tmp_path, capsys
             break
         time.sleep(1)
     assert b"comat.stage.completed" in database and b"prompts" in database  # the run really reached the server
-    debug_log = Path(debug_log_path()).read_bytes()
+    # every run's debug log (one file per run: the refused one and the one that ran)
+    debug_log = b"".join(p.read_bytes() for p in Path(debug_log_path()).parent.glob("run-*.log"))
+    assert debug_log  # the runs did write their logs
     for secret in (in_options, in_environment):
         needle = secret.encode()
         assert needle not in refused.out.encode() + refused.err.encode() + ran.out.encode() + ran.err.encode()
