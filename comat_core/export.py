@@ -50,7 +50,9 @@ def diffusers_lines(cfg: ComatConfig, base: str, lora: str, unet: str | None = N
     pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
     cpu = builds_base(cfg)
     dtype = "torch.float32" if cpu else "torch.float16"
-    vae = cfg.models.vae if cfg.models.vae and not cfg.models.vae.startswith(("tiny://", "world://")) else None
+    from comat_core.models.loader import is_tiny, is_world
+
+    vae = cfg.models.vae if cfg.models.vae and not (is_tiny(cfg.models.vae) or is_world(cfg.models.vae)) else None
     imports = [pipeline] + (["UNet2DConditionModel"] if unet else []) + (["AutoencoderKL"] if vae else [])
     lines = ["import torch", f"from diffusers import {', '.join(imports)}"]
     parts = [json.dumps(base)]
@@ -93,7 +95,7 @@ def export(cfg: ComatConfig, store: ArtifactStore, to: str | Path) -> dict:
     if "sdxl_prefinetune" in cfg.stage_order():
         pre = store.reader("sdxl_prefinetune", compute_key(cfg, store, "sdxl_prefinetune"))
         pre.download_tree("unet", tmp / "unet")
-        set_sample_size(tmp / "unet", cfg.train.resolution // vae_scale(cfg, store))
+        set_sample_size(tmp / "unet", cfg.train.resolution // vae_scale(cfg))
         written["unet"] = pre.url + "/unet"
     if builds_base(cfg):
         copy_base(cfg, store, tmp / "base")
@@ -136,7 +138,7 @@ def copy_base(cfg: ComatConfig, store: ArtifactStore, dst: Path) -> None:
         store.reader("world", compute_key(cfg, store, "world")).download_tree(name.split("://", 1)[1], dst)
 
 
-def vae_scale(cfg: ComatConfig, store: ArtifactStore) -> int:
+def vae_scale(cfg: ComatConfig) -> int:
     """Pixels per latent cell: from the base model's VAE config when comat builds it, else 8 (SD, SDXL)."""
     if not builds_base(cfg):
         return 8

@@ -163,19 +163,13 @@ def check_models(cfg: ComatConfig, stages: list[str] | None = None) -> None:
     ready to copy. Online, a Hub id not in the cache must exist on the Hub (``check_hub_ids``); it is
     downloaded when first loaded.
     """
-    from comat_core.models.loader import is_local, is_tiny, is_world
-
     check_model_paths(cfg)
+    stages = stages if stages is not None else cfg.stage_order()
     if not _hub_offline():
-        check_hub_ids(cfg, stages if stages is not None else cfg.stage_order())
+        check_hub_ids(cfg, stages)
         return
     missing: dict[str, list[str]] = {}  # Hub id -> the settings naming it (SD1.5 is pretrained and discriminator)
-    for field in sorted(model_fields(cfg, stages if stages is not None else cfg.stage_order())):
-        value = getattr(cfg.models, field)
-        if field == "sam_checkpoint" or not isinstance(value, str):
-            continue
-        if is_tiny(value) or is_world(value) or is_local(value) or os.path.exists(value) or _in_hub_cache(value):
-            continue
+    for field, value in hub_ids_not_cached(cfg, stages):
         missing.setdefault(value, []).append(field)
     if missing:
         named = "; ".join(f"{value} ({', '.join('models.' + f for f in fields)})" for value, fields in missing.items())
@@ -184,16 +178,26 @@ def check_models(cfg: ComatConfig, stages: list[str] | None = None) -> None:
                          f"{named}; download them with these commands, one per line:\n" + "\n".join(commands))
 
 
+def hub_ids_not_cached(cfg: ComatConfig, stages: list[str]) -> list[tuple[str, str]]:
+    """``(field, Hub id)`` of each model these stages load that names a Hub id not in the Hub cache (not
+    comat's own tiny:// or world:// models, not a local path), by field name."""
+    from comat_core.models.loader import is_local, is_tiny, is_world
+
+    out = []
+    for field in sorted(model_fields(cfg, stages)):
+        value = getattr(cfg.models, field)
+        if field == "sam_checkpoint" or not isinstance(value, str):
+            continue
+        if not (is_tiny(value) or is_world(value) or is_local(value) or os.path.exists(value) or _in_hub_cache(value)):
+            out.append((field, value))
+    return out
+
+
 def check_hub_ids(cfg: ComatConfig, stages: list[str], timeout: float = 15.0) -> None:
     """Online: every Hub id these stages load that is not in the Hub cache must exist and be readable
     on the Hub now (one metadata request each), so a wrong id, a gated model without a token or no
     network is named before any stage computes, not when the stage that loads it gets there."""
-    from comat_core.models.loader import is_local, is_tiny, is_world
-
-    ids = sorted({(f, getattr(cfg.models, f)) for f in model_fields(cfg, stages) if f != "sam_checkpoint"
-                  and isinstance(getattr(cfg.models, f), str)})
-    ids = [(f, v) for f, v in ids if not (is_tiny(v) or is_world(v) or is_local(v) or os.path.exists(v)
-                                          or _in_hub_cache(v))]
+    ids = hub_ids_not_cached(cfg, stages)
     if not ids:
         return
     from huggingface_hub import HfApi

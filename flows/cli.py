@@ -325,8 +325,6 @@ def _dispatch(args) -> int:
         diffusers_logging.disable_progress_bar()
     if args.part:
         return _run_part(cfg, stages, force, args.part)
-    import time
-
     from flows.pipeline import comat
 
     started = time.time()
@@ -337,8 +335,6 @@ def _dispatch(args) -> int:
 def _print_results(cfg, results: dict[str, str], started: float | None = None) -> int:
     """The closing lines of ``comat run``: the stage table (computed or cached), the headline evaluation,
     where the outputs are and how to load them. ``started`` None: nothing was computed (the cached path)."""
-    import time
-
     if started is None:
         started = time.time()
     from comat_core.store.storage import ArtifactStore

@@ -94,12 +94,14 @@ def _cancel_requested() -> bool:
 
 def headline_rows(store: ArtifactStore, results: dict[str, str]) -> list[dict]:
     """The evaluation's headline metric per category (base, tuned, delta, 95 % CI), [] without evaluate."""
+    return headline_of(evaluation_summary(store, results))
+
+
+def headline_of(summary: dict | None) -> list[dict]:
+    """The headline rows of an evaluate ``summary.json`` (None: no evaluation, no rows)."""
     from flows.rows import result_rows
 
-    summary = evaluation_summary(store, results)
-    if not summary:
-        return []
-    return [r for r in result_rows(summary.get("results", {})) if r["headline"]]
+    return [r for r in result_rows(summary.get("results", {})) if r["headline"]] if summary else []
 
 
 def headline_lines(store: ArtifactStore, results: dict[str, str]) -> list[str]:
@@ -107,7 +109,7 @@ def headline_lines(store: ArtifactStore, results: dict[str, str]) -> list[str]:
     from comat_core.stages.evaluate.report import caveat
 
     summary = evaluation_summary(store, results)
-    rows = headline_rows(store, results)
+    rows = headline_of(summary)
     if not rows:
         return []
     lines = ["evaluation (headline metric per category; delta = tuned - base, 95 % CI over prompts):"]
@@ -136,14 +138,14 @@ def closing_lines(cfg: ComatConfig, store: ArtifactStore, results: dict[str, str
     if not store.is_local:
         lines.append(f"        copy it first: python -c \"import fsspec; fsspec.filesystem('{lora.split('://')[0]}')"
                      f".get('{lora}', 'lora', recursive=True)\" (then use 'lora' below)")
-    from comat_core.export import diffusers_lines
-    from comat_core.models.loader import is_tiny, resolve_model
+    from comat_core.export import EXAMPLE_PROMPT, diffusers_lines
+    from comat_core.models.loader import is_tiny, is_world, resolve_model
 
     model = cfg.models.pretrained
-    example = "a red book and a yellow vase"
+    example = EXAMPLE_PROMPT
     if is_tiny(model):  # built by comat into its cache: a local diffusers folder on this machine
         model = resolve_model(model, "models.pretrained")
-    elif model.startswith("world://") and "world" in results:  # the world stage's trained model
+    elif is_world(model) and "world" in results:  # the world stage's trained model
         model = store_path(store, results["world"], model[len("world://"):])
         example = "a red circle and a blue square"
     unet = store_path(store, results["sdxl_prefinetune"], "unet") if "sdxl_prefinetune" in results else None
@@ -170,7 +172,7 @@ def _fmt(value) -> str:
 
 def summary_markdown(cfg: ComatConfig, store: ArtifactStore, rows: list[dict], headline: list[dict],
                      closing: list[str], started: float) -> str:
-    from flows.artifacts import evaluation_pictures, folder_link, folder_markdown
+    from flows.artifacts import evaluation_pictures, folder_markdown
 
     total = time.time() - started
     counts = {s: sum(r["state"].split(" ")[0] == s for r in rows)

@@ -71,9 +71,10 @@ def environment_secrets() -> list[str]:
     return sorted(values, key=len, reverse=True)
 
 
-def redact(text: str) -> str:
-    """``text`` with every environment credential replaced by ``***``."""
-    for value in environment_secrets():
+def redact(text: str, secrets: list[str] | None = None) -> str:
+    """``text`` with every environment credential (``secrets``: ``environment_secrets()``, read now if not
+    given) replaced by ``***``."""
+    for value in environment_secrets() if secrets is None else secrets:
         if value in text:
             text = text.replace(value, MASK)
     return text
@@ -97,13 +98,13 @@ class RedactSecrets(logging.Filter):
         if not secrets:
             return True
         message = record.getMessage()
-        clean = redact(message)
+        clean = redact(message, secrets)
         if clean != message:
             record.msg, record.args = clean, None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
-            record.exc_text = redact(record.exc_text)
+            record.exc_text = redact(record.exc_text, secrets)
         return True
 
 

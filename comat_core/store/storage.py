@@ -59,6 +59,7 @@ def _in_daemon_thread(fn, *args, **kwargs) -> Future:
     threading.Thread(target=run, name="comat-storage", daemon=True).start()
     return future
 
+
 MANIFEST = "_manifest.json"
 SHARD_DIR = "_shards"
 _KNOWN_PROTOCOLS_HINT = "a local path, s3://bucket/prefix, gs://bucket/prefix or memory://name"
@@ -135,11 +136,7 @@ class ArtifactStore:
         return check_inside(self.path(stage, key), path, f"stage folder {self.url(stage, key)}") if self.is_local else path
 
     def url(self, *parts: str) -> str:
-        p = self.path(*parts)
-        if self.is_local:
-            return p
-        proto = self.fs.protocol[0] if isinstance(self.fs.protocol, (tuple, list)) else self.fs.protocol
-        return f"{proto}://{p}"
+        return self.url_of(self.path(*parts))
 
     def stage_url(self, stage: str, key: str) -> str:
         return self.url(stage, key)
@@ -248,8 +245,7 @@ class ArtifactStore:
     @property
     def renames_cheaply(self) -> bool:
         """A folder rename is one metadata operation here (local disk, memory), not a copy of every file."""
-        proto = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        return self.is_local or proto == "memory"
+        return self.is_local or protocol(self.fs) == "memory"
 
     def set_aside(self, path: str) -> str | None:
         """Rename the folder ``path`` to a hidden sibling and return its new path (None: nothing there).
@@ -347,10 +343,7 @@ class ArtifactStore:
 
     def url_of(self, path: str) -> str:
         """The URL of a path under this store (a local path as is)."""
-        if self.is_local:
-            return path
-        proto = self.fs.protocol[0] if isinstance(self.fs.protocol, (tuple, list)) else self.fs.protocol
-        return f"{proto}://{path}"
+        return path if self.is_local else f"{protocol(self.fs)}://{path}"
 
     def is_complete(self, stage: str, key: str) -> bool:
         return self.read_manifest(stage, key) is not None
@@ -629,9 +622,13 @@ def bounded_call(what: str, url: str, timeout: float, fn, *args, **kwargs):
         raise
 
 
+def protocol(fs) -> str:
+    """A filesystem's protocol name (fsspec gives a string or a tuple of aliases)."""
+    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+
+
 def _is_local(fs) -> bool:
-    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return proto in ("file", "local")
+    return protocol(fs) in ("file", "local")
 
 
 def _default_options(url: str, options: dict) -> dict:
