@@ -60,6 +60,15 @@ def test_credentials_in_storage_options_are_named_not_quoted():
     assert check_storage_options({"endpoint_url": "http://x", "anon": True}) == {"endpoint_url": "http://x", "anon": True}
 
 
+def test_working_directories_are_not_secrets(monkeypatch):
+    """The shell's PWD/OLDPWD look like a 'pwd' but are paths: masking them hid every path in the logs."""
+    monkeypatch.setenv("PWD", "/tmp/a-checkout-folder")
+    monkeypatch.setenv("OLDPWD", "/tmp/another-folder")
+    monkeypatch.setenv("DB_PWD", "db-password-planted-42")
+    text = "computing /tmp/a-checkout-folder/comat-artifacts/tiny (from /tmp/another-folder), db-password-planted-42"
+    assert redact(text) == "computing /tmp/a-checkout-folder/comat-artifacts/tiny (from /tmp/another-folder), ***"
+
+
 def test_log_records_and_texts_mask_environment_credentials(monkeypatch):
     import logging
 

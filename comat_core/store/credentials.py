@@ -27,12 +27,16 @@ _SECRET_PARTS = {"key", "pwd", "sas", "auth", "signature", "passphrase"}
 _MODES = {"anon", "google_default", "cloud", "cache", "browser"}  # gcsfs ``token`` values that hold no secret
 _MIN_REDACTED = 8  # shorter values (``true``, ``testing``) would turn ordinary words into ***
 MASK = "***"
+_NOT_SECRETS = {"pwd", "oldpwd"}  # the shell's working directories: masking them hides every path in the logs
 
 
 def is_secret_name(name: object) -> bool:
     """A key or variable name that holds a credential: ``secret``, ``password``, ``token`` in it, or a
-    ``key``/``sas``/``auth`` part (``key``, ``account_key``, ``AWS_ACCESS_KEY_ID``)."""
+    ``key``/``sas``/``auth`` part (``key``, ``account_key``, ``AWS_ACCESS_KEY_ID``). The shell's ``PWD`` and
+    ``OLDPWD`` are working directories, not passwords."""
     text = str(name).lower()
+    if text in _NOT_SECRETS:
+        return False
     return any(w in text for w in _SECRET_WORDS) or bool(_SECRET_PARTS & set(re.split(r"[_\-.\s]+", text)))
 
 
