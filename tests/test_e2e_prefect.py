@@ -30,11 +30,25 @@ PREFECT = [sys.executable, "-m", "prefect"]
 
 @pytest.fixture
 def e2e_env(services, tmp_path, monkeypatch):
-    """Variables for the deploy, the worker and its flow runs: the services, S3 endpoint, one thread."""
+    """Variables for the deploy, the worker and its flow runs: the services, S3 endpoint, one thread.
+
+    Afterwards, the ``gpu`` tag limit that ``comat deploy --local`` creates is removed from the shared
+    server: a later test's GPU stage must not queue behind it (a killed run's slot is held until
+    Prefect lets it go, about a minute)."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", services["COMAT_TEST_S3_ENDPOINT"])
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "OMP_NUM_THREADS": "1",
            "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PREFECT_LOGGING_LEVEL": "WARNING"}
-    return env
+    yield env
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from flows.deploy import GPU_TAG
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.delete_concurrency_limit_by_tag(GPU_TAG)
+        except ObjectNotFound:
+            pass
 
 
 @pytest.fixture
