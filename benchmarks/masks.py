@@ -5,8 +5,8 @@ Usage:
   python benchmarks/masks.py --preset sd15 --size real --batch-size 16 --reps 5          # GPU, hf backend
   python benchmarks/masks.py --preset sd15 --size real --backend gsam --batch-size 16    # segment_anything SAM
 
-Per batch it does what the stage does per batch, with the stage's own code: ``gan_gt.decode_latents``
-(VAE decode of scaled latents, on the device) then ``MaskBackend.detect_and_segment`` (Grounding DINO
+Per batch it does what the stage does per batch, with the stage's own code: ``models.backbones.decode_latents``
+(VAE decode of scaled latents, on the device, clamped) then ``MaskBackend.detect_and_segment`` (Grounding DINO
 on the caption of ``--nouns`` nouns per image, SAM on the kept boxes, OR per noun). The latents are
 random, so the images are noise; the thresholds default to 0, so that every noun keeps
 ``--boxes-per-noun`` boxes and SAM does the work real images would give it (the stage's thresholds
@@ -35,7 +35,8 @@ import torch
 from generate import build_on, environment, real_vae, timed, write_json  # this folder's generate.py
 
 from comat_core.config import load_config
-from comat_core.stages.gan_gt import config_vae, decode_latents
+from comat_core.models.backbones import decode_latents
+from comat_core.stages.gan_gt import config_vae
 from comat_core.stages.masks.backends import GroundedSam, GroundingDinoDetector
 from comat_core.stages.masks.factory import make_backend
 from comat_core.runtime import resolve_device, weight_dtype
@@ -124,14 +125,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     latents = torch.randn(batch, 4, latent_size, latent_size, generator=torch.Generator().manual_seed(0))
     nouns = [[NOUNS[(i + k) % len(NOUNS)] for k in range(args.nouns)] for i in range(batch)]
-    images = decode_latents(vae, latents)
+    def decode(z):
+        with torch.no_grad():  # as in the stage: no graph through the (here not frozen) VAE
+            return decode_latents(vae, z, clamp=True)
+
+    images = decode(latents)
     detected = []
 
     def both():
-        results = backend.detect_and_segment(decode_latents(vae, latents), nouns)
+        results = backend.detect_and_segment(decode(latents), nouns)
         detected.append(sum(m is not None for r in results for _, _, m in r.values()))
 
-    decode = timed(lambda: decode_latents(vae, latents), device, args.warmup, args.reps)
+    decode_s = timed(lambda: decode(latents), device, args.warmup, args.reps)
     segment = timed(lambda: backend.detect_and_segment(images, nouns), device, args.warmup, args.reps)
     total = timed(both, device, args.warmup, args.reps)
     masks_per_batch = detected[-1]
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": str(device), "precision": str(precision).replace("torch.", ""), "batch_size": batch,
         "image_size": list(images.shape[-2:]), "nouns_per_image": args.nouns, "boxes_per_noun": args.boxes_per_noun,
         "thresholds": [args.box_threshold, args.text_threshold], "model_load_s": round(load_s, 2),
-        "decode": decode, "detect_and_segment": segment, "total": total,
+        "decode": decode_s, "detect_and_segment": segment, "total": total,
         "masks_per_batch": masks_per_batch,
         "images_per_s": round(batch / total["median_s"], 4),
         "masks_per_s": round(masks_per_batch / total["median_s"], 4),

@@ -14,7 +14,9 @@ on the model family. A backbone wraps a frozen diffusers pipeline and offers:
 * ``unet_call(latents, t, cond)`` -> noise prediction (classifier-free guidance belongs to the
   sampler, which passes the ``[uncond, cond]`` batch),
 * ``decode(latents)`` -> images in [0, 1] with autograd (``decode_to_unit_range=False`` reproduces
-  the reference SDXL path, which handed the VAE's [-1, 1] output to the losses),
+  the reference SDXL path, which handed the VAE's [-1, 1] output to the losses), through
+  :func:`decode_latents`, the one latent-to-image decoder (latents_mean/std, shift_factor,
+  force_upcast, optional clamp) that the stages use with a bare VAE too,
 * ``scheduler``: a ``DDPMScheduler`` built from the model's own scheduler config,
 * ``latent_shape(res)`` and ``vae_scale``.
 
@@ -33,6 +35,7 @@ Performance (measured against a reference-style step; see ``benchmarks/RESULTS.m
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -216,24 +219,64 @@ class Backbone:
         """Checkpoint the VAE decoder layer by layer (:func:`checkpoint_decoder_layers`); returns the layer count."""
         return checkpoint_decoder_layers(self.vae)
 
-    def decode(self, latents: torch.Tensor, unit_range: bool | None = None) -> torch.Tensor:
-        """VAE decode with autograd: [0, 1] images (or the raw [-1, 1] with ``decode_to_unit_range=False``).
+    def decode(self, latents: torch.Tensor, unit_range: bool | None = None, clamp: bool = False) -> torch.Tensor:
+        """:func:`decode_latents` with this backbone's VAE, with autograd.
 
-        ``unit_range`` overrides the backbone's flag (validation images always want [0, 1]).
+        ``unit_range`` overrides the backbone's ``decode_to_unit_range`` (validation images always want [0, 1]).
         """
-        config = self.vae.config
-        z = latents / config.scaling_factor
-        shift = getattr(config, "shift_factor", None)
-        if shift is not None:
-            z = z + shift
-        vae_dtype = next(self.vae.parameters()).dtype
-        image = self.vae.decode(z.to(vae_dtype), return_dict=False)[0].float()
         unit = self.decode_to_unit_range if unit_range is None else unit_range
-        return image / 2 + 0.5 if unit else image
+        return decode_latents(self.vae, latents, unit_range=unit, clamp=clamp)
 
     def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
         res = resolution or self.resolution
         return (int(self.unet.config.in_channels), res // self.vae_scale, res // self.vae_scale)
+
+
+def decode_latents(vae, latents: torch.Tensor, *, unit_range: bool = True, clamp: bool = False) -> torch.Tensor:
+    """Scaled latents ``[B, C, h, w]`` -> float32 images ``[B, 3, H, W]`` on the VAE's device: the one
+    latent-to-image decoder (trainer, validation grids, gan_gt's preview, the masks stage).
+
+    Undoes the scaling the pipelines apply, as diffusers' pipelines do: ``z * latents_std /
+    scaling_factor + latents_mean`` when the VAE config has ``latents_mean``/``latents_std`` (SDXL
+    style), else ``z / scaling_factor``, then ``+ shift_factor`` when the config has one. Decodes in
+    fp32 when the config sets ``force_upcast`` and the VAE would run in fp16 (its weights, or an fp16
+    autocast around the call): the SDXL VAE overflows in fp16. As in ``StableDiffusionXLPipeline``
+    this is fp16 only (bf16 has fp32's range); unlike it, the VAE stays in fp32 afterwards (moved in
+    place once, not back and forth each call). Autograd flows through unless the caller disables it.
+    ``unit_range``: [0, 1] (``image / 2 + 0.5``), else the VAE's [-1, 1]; ``clamp``: clip to that range.
+    """
+    config = vae.config
+    device = next(vae.parameters()).device
+    z = latents.to(device, torch.float32)
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        z = z * std / config.scaling_factor + mean
+    else:
+        z = z / config.scaling_factor
+    shift = getattr(config, "shift_factor", None)
+    if shift is not None:
+        z = z + shift
+    upcast = _needs_upcast(vae, device)
+    if upcast and next(vae.parameters()).dtype != torch.float32:
+        vae.to(torch.float32)
+    with torch.autocast(device.type, enabled=False) if upcast else nullcontext():
+        image = vae.decode(z.to(next(vae.parameters()).dtype), return_dict=False)[0].float()
+    if unit_range:
+        image = image / 2 + 0.5
+    if clamp:
+        image = image.clamp(0, 1) if unit_range else image.clamp(-1, 1)
+    return image
+
+
+def _needs_upcast(vae, device: torch.device) -> bool:
+    """``force_upcast`` set and the decode would run in fp16 (fp16 weights, or inside an fp16 autocast)."""
+    if not getattr(vae.config, "force_upcast", False):
+        return False
+    if next(vae.parameters()).dtype == torch.float16:
+        return True
+    return torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16
 
 
 def checkpoint_decoder_layers(vae) -> int:

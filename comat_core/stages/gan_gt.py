@@ -96,30 +96,6 @@ def config_vae(cfg, dtype: torch.dtype, device: torch.device):
     return load_vae(cfg.models.pretrained, dtype, device, field="models.pretrained", pipeline=True)
 
 
-@torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents ``[B, 4, h, w]`` → images ``[B, 3, H, W]`` float32 in [0, 1], on the VAE's device.
-
-    Undoes the scaling the pipelines apply (``latents_mean``/``latents_std`` when the VAE config has
-    them, else ``scaling_factor``) and decodes in fp32 when an fp16 VAE asks for it (``force_upcast``:
-    the SDXL VAE overflows in fp16; the VAE is then moved to fp32 in place, once).
-    """
-    config = vae.config
-    dtype = next(vae.parameters()).dtype
-    if dtype == torch.float16 and getattr(config, "force_upcast", False):
-        vae, dtype = vae.to(torch.float32), torch.float32
-    z = latents.to(next(vae.parameters()).device, torch.float32)
-    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-    if mean is not None and std is not None:
-        mean = torch.tensor(mean, device=z.device).view(1, -1, 1, 1)
-        std = torch.tensor(std, device=z.device).view(1, -1, 1, 1)
-        z = z * std / config.scaling_factor + mean
-    else:
-        z = z / config.scaling_factor
-    image = vae.decode(z.to(dtype), return_dict=False)[0].float()
-    return (image / 2 + 0.5).clamp(0, 1)
-
-
 @dataclass
 class BaseSampler:
     """The frozen base model behind the trainer's sampler, and the trainer's precision to run it in."""
@@ -283,11 +259,13 @@ def _write_preview(ctx, vae, latents: torch.Tensor, device) -> str | None:
     """``preview.png``: the first ``preview_images`` latents decoded, in one grid."""
     if ctx.cfg.gan_gt.preview_images == 0:
         return None
+    from comat_core.models.backbones import decode_latents
     from comat_core.runtime import weight_dtype
 
     if vae is None:
         vae = config_vae(ctx.cfg, weight_dtype(ctx.cfg, device), device)
-    ctx.writer.put_image(PREVIEW, image_grid(decode_latents(vae, latents)))
+    with torch.no_grad():
+        ctx.writer.put_image(PREVIEW, image_grid(decode_latents(vae, latents, clamp=True)))
     return PREVIEW
 
 

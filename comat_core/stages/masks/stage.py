@@ -153,8 +153,9 @@ def _write_preview(ctx, gt) -> str | None:
     """``overlay.png``: the first shard's images with their masks (``preview.py``), decoded with the VAE."""
     from torch import no_grad
 
+    from comat_core.models.backbones import decode_latents
     from comat_core.runtime import free_memory, resolve_device, weight_dtype
-    from comat_core.stages.gan_gt import config_vae, decode_latents
+    from comat_core.stages.gan_gt import config_vae
     from comat_core.stages.masks.preview import write_overlay
 
     device = resolve_device(ctx.cfg)
@@ -162,7 +163,7 @@ def _write_preview(ctx, gt) -> str | None:
     try:
         with no_grad():
             return write_overlay(ctx, gt, lambda images: decode_latents(
-                vae, gt.latents([p for p, _ in images], [k for _, k in images])).float(), masks_file(0))
+                vae, gt.latents([p for p, _ in images], [k for _, k in images]), clamp=True), masks_file(0))
     finally:
         del vae
         free_memory()
@@ -196,7 +197,9 @@ def _compute_shards(ctx, gt, shards: list[list], pending: list[int]) -> _Tally:
 
 
 def _compute_shard(ctx, gt, models, n: int, work: list, tally: _Tally, bar) -> None:
-    from comat_core.stages.gan_gt import decode_latents
+    import torch
+
+    from comat_core.models.backbones import decode_latents
 
     mcfg = ctx.cfg.masks
     vae, backend = models
@@ -204,7 +207,9 @@ def _compute_shard(ctx, gt, models, n: int, work: list, tally: _Tally, bar) -> N
     for i in range(0, len(work), mcfg.batch_size):
         batch = work[i : i + mcfg.batch_size]
         t = time.perf_counter()
-        images = decode_latents(vae, gt.latents([p["prompt_id"] for p, _, _ in batch], [k for _, _, k in batch]))
+        with torch.no_grad():
+            images = decode_latents(vae, gt.latents([p["prompt_id"] for p, _, _ in batch], [k for _, _, k in batch]),
+                                    clamp=True)
         resolution = mcfg.resolution or images.shape[-1]
         results = backend.detect_and_segment(images, [caption_nouns(kept) for _, kept, _ in batch])
         for (prompt, kept, sample), found in zip(batch, results):
