@@ -14,7 +14,7 @@ from comat_core.method.losses import (
     generator_gan_loss,
     next_token_loss,
     pixel_loss,
-    resize_mask,
+    resize_mask_bilinear_any,
     smoothed_cross_entropy,
     token_loss,
 )
@@ -181,13 +181,13 @@ def test_losses_average_over_entities():
 def test_resize_mask_follows_the_reference_antialiased_bilinear_any_overlap():
     mask = torch.zeros(8, 8)
     mask[0, 0] = 1  # a corner pixel only touches its own 2x2 cell
-    assert resize_mask(mask, 4).nonzero().tolist() == [[0, 0]]
+    assert resize_mask_bilinear_any(mask, 4).nonzero().tolist() == [[0, 0]]
     mask = torch.zeros(8, 8)
     mask[1, 1] = 1  # within half a cell of the next cells: they turn on too (the reference's dilation)
-    assert resize_mask(mask, 4).nonzero().tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
-    torch.testing.assert_close(resize_mask(MASK_4x4, 4), MASK_4x4)  # same size: unchanged
-    assert resize_mask(MASK_4x4, 2).sum() == 4  # a quarter at 4x4 reaches every cell at 2x2
-    assert resize_mask(torch.ones(2, 2), 4).sum() == 16
+    assert resize_mask_bilinear_any(mask, 4).nonzero().tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    torch.testing.assert_close(resize_mask_bilinear_any(MASK_4x4, 4), MASK_4x4)  # same size: unchanged
+    assert resize_mask_bilinear_any(MASK_4x4, 2).sum() == 4  # a quarter at 4x4 reaches every cell at 2x2
+    assert resize_mask_bilinear_any(torch.ones(2, 2), 4).sum() == 16
 
 
 def test_attribute_loss_layers_resolutions_and_batch():
@@ -225,7 +225,7 @@ def _reference_token_term(maps: dict, mask: torch.Tensor, tokens: list[int], wei
     for m in maps.values():
         a = m[0].double()
         side = int(a.shape[0] ** 0.5)
-        cell = resize_mask(mask, side).reshape(-1).double()
+        cell = resize_mask_bilinear_any(mask, side).reshape(-1).double()
         per_token = [(1 - (a[:, t] * cell).sum() / a[:, t].sum()) ** 2 for t in tokens]
         total += float(sum(per_token) / len(per_token))
     return weight * total

@@ -16,7 +16,7 @@ from comat_core.config import load_config
 from comat_core.errors import InputError, IntegrityError
 from comat_core.stages.masks.backends import GroundingDinoDetector, caption_for
 from comat_core.stages.masks.encoding import decode_mask, encode_mask
-from comat_core.stages.masks.reader import MaskReader, resize_mask
+from comat_core.stages.masks.reader import MaskReader, resize_mask_area_majority
 from comat_core.stages.masks.stage import kept_entities, masks_file, shard_name
 from comat_core.stages.registry import compute_key, run_stage
 from comat_core.stages.prompts import read_prompts
@@ -89,20 +89,21 @@ def test_resize_mask_is_binary_keeps_small_objects_and_majority_votes():
     big = torch.zeros(512, 512, dtype=torch.bool)
     big[:256, :] = True  # top half
     for res in (8, 16, 32, 64):
-        out = resize_mask(big, res)
+        out = resize_mask_area_majority(big, res)
         assert out.shape == (res, res) and out.dtype == torch.float32
         assert set(out.unique().tolist()) <= {0.0, 1.0}
         assert out[: res // 2].all() and not out[res // 2 :].any()
     tiny_object = torch.zeros(512, 512, dtype=torch.bool)
     tiny_object[100:110, 300:305] = True  # far less than half of a 64-px cell
-    assert resize_mask(tiny_object, 8).sum() == 1 and resize_mask(tiny_object, 8)[1, 4] == 1
+    out = resize_mask_area_majority(tiny_object, 8)
+    assert out.sum() == 1 and out[1, 4] == 1
     quarter = torch.zeros(64, 64, dtype=torch.bool)
     quarter[:8, :8] = True
     quarter[8:12, 8:16] = True  # half of cell (1, 1) at 8 px: kept by the majority vote
     quarter[16:19, 16:24] = True  # 3/8 of cell (2, 2): dropped
-    assert resize_mask(quarter, 8).nonzero().tolist() == [[0, 0], [1, 1]]
+    assert resize_mask_area_majority(quarter, 8).nonzero().tolist() == [[0, 0], [1, 1]]
     small = torch.tensor([[1, 0], [0, 1]], dtype=torch.bool)
-    assert torch.equal(resize_mask(small, 4), torch.kron(small.float(), torch.ones(2, 2)))
+    assert torch.equal(resize_mask_area_majority(small, 4), torch.kron(small.float(), torch.ones(2, 2)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from comat_core.method.losses.attribute import (
     EntityTarget,
     attribute_concentration_loss,
     pixel_loss,
-    resize_mask,
+    resize_mask_bilinear_any,
     token_loss,
 )
 from comat_core.method.losses.concept import ConceptActivationLoss, next_token_loss, smoothed_cross_entropy
@@ -18,7 +18,7 @@ __all__ = [
     "generator_gan_loss",
     "next_token_loss",
     "pixel_loss",
-    "resize_mask",
+    "resize_mask_bilinear_any",
     "smoothed_cross_entropy",
     "token_loss",
 ]

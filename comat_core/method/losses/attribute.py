@@ -24,8 +24,9 @@ Exactness notes (reference: CaraJ7/CoMat ``attn_utils/tc_loss_utils.py`` and
   we use the head-averaged map (the maps are averaged over heads), which the capture records.
 * Mask resize: the reference resizes the mask with torchvision's antialiased bilinear ``Resize``
   and keeps every cell that gets any mask weight (``> 0``): a cell is on when the object touches
-  it or comes within half a cell of it. :func:`resize_mask` does the same; a mask already at the
-  map's resolution is unchanged.
+  it or comes within half a cell of it. :func:`resize_mask_bilinear_any` does the same (named after
+  that rule; the masks stage's ``resize_mask_area_majority`` is another); a mask already at the map's
+  resolution is unchanged.
 * BCE: the reference uses ``nn.BCELoss`` on the summed map with no epsilon clamp (PyTorch floors
   each log term at -100). We do the same, in fp32 with autocast off; the summed map is only
   clamped into [0, 1] to absorb rounding (a sum of softmax probabilities can exceed 1 by an ulp,
@@ -54,7 +55,7 @@ class EntityTarget:
     mask: Tensor  # [H, W], {0, 1}, any resolution
 
 
-def resize_mask(mask: Tensor, size: int) -> Tensor:
+def resize_mask_bilinear_any(mask: Tensor, size: int) -> Tensor:
     """The mask at ``size x size`` as the reference resizes it: antialiased bilinear, then ``> 0``."""
     x = mask.detach().float().reshape(1, 1, *mask.shape[-2:])
     if tuple(x.shape[-2:]) != (size, size):
@@ -92,7 +93,7 @@ def token_loss(attention_map: Tensor, entities: list[EntityTarget]) -> Tensor:
     a = attention_map.float()
     per_entity = []
     for entity in entities:
-        mask = resize_mask(entity.mask, side).reshape(-1, 1).to(a.device, non_blocking=True)
+        mask = resize_mask_bilinear_any(entity.mask, side).reshape(-1, 1).to(a.device, non_blocking=True)
         token_maps = _token_columns(a, entity.token_indices)  # [h*w, n]
         inside = (token_maps * mask).sum(0) / token_maps.sum(0).clamp(min=1e-12)
         per_entity.append(((1.0 - inside) ** 2).mean())
@@ -108,7 +109,7 @@ def pixel_loss(attention_map: Tensor, entities: list[EntityTarget]) -> Tensor:
     per_entity = []
     with torch.autocast(device_type=a.device.type, enabled=False):
         for entity in entities:
-            mask = resize_mask(entity.mask, side).reshape(-1).to(a.device, non_blocking=True)
+            mask = resize_mask_bilinear_any(entity.mask, side).reshape(-1).to(a.device, non_blocking=True)
             summed = _token_columns(a, entity.token_indices).sum(-1).clamp(0.0, 1.0)
             per_entity.append(F.binary_cross_entropy(summed, mask))
     return torch.stack(per_entity).mean()
@@ -126,7 +127,7 @@ def _entities_at_resolutions(
 ) -> dict[int, list[EntityTarget]]:
     """The entities with their masks resized once per map resolution (keyed by h*w) and moved to ``device``."""
     return {
-        hw: [EntityTarget(e.token_indices, resize_mask(e.mask, _side(hw)).to(device, non_blocking=True))
+        hw: [EntityTarget(e.token_indices, resize_mask_bilinear_any(e.mask, _side(hw)).to(device, non_blocking=True))
              for e in entities]
         for hw in resolution_maps
     }

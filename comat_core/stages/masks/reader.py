@@ -7,8 +7,9 @@ they are absent here): ``detected`` and, when detected, the mask as a ``[res, re
 of 0/1. An undetected entity has ``mask=None`` (**Decision**: it is dropped from the loss, not
 supervised with an all-zero mask as the reference does). A prompt with no kept entity gets an empty list.
 
-Resizing (``resize_mask``): masks are stored at the image resolution (512 for the real presets) and
-the trainer asks for its attention resolutions (8/16/32/64). Shrinking uses **area** averaging and
+Resizing (``resize_mask_area_majority``, named after its rule; the attribute loss's own resize is
+``method.losses.resize_mask_bilinear_any``): masks are stored at the image resolution (512 for the
+real presets) and the trainer asks for its attention resolutions (8/16/32/64). Shrinking uses **area** averaging and
 keeps a cell when at least half of it is covered (a majority vote: nearest-neighbour would keep one
 arbitrary pixel per cell and alias thin or small objects in and out). An object smaller than half
 a cell everywhere would vanish and become the all-zero mask the trainer must never see, so then
@@ -36,7 +37,7 @@ class EntityMask:
     mask: torch.Tensor | None  # [res, res] float {0, 1}; None when not detected
 
 
-def resize_mask(mask: torch.Tensor, resolution: int) -> torch.Tensor:
+def resize_mask_area_majority(mask: torch.Tensor, resolution: int) -> torch.Tensor:
     """A ``[H, W]`` binary mask → ``[resolution, resolution]`` float {0, 1} (see the module docstring)."""
     m = mask.float()[None, None]
     size = (resolution, resolution)
@@ -85,7 +86,7 @@ class MaskReader:
         if row["detected"]:
             size = int(row["mask_resolution"])
             stored = torch.from_numpy(decode_mask(row["mask"], (size, size), row["encoding"]))
-            mask = resize_mask(stored, resolution)
+            mask = resize_mask_area_majority(stored, resolution)
         return EntityMask(int(row["entity_index"]), row["noun"], bool(row["detected"]), mask)
 
     def _shard(self, shard: int) -> dict[tuple[str, int], list[dict]]:

@@ -37,7 +37,7 @@ from comat_core.errors import InputError
 from comat_core.stages.prompts import read_prompts
 from comat_core.store.shards import check_fail_hook, part_summary, shard_bar, shards_to_do
 from comat_core.stages.masks.encoding import encode_mask
-from comat_core.stages.masks.reader import resize_mask
+from comat_core.stages.masks.reader import resize_mask_area_majority
 
 log = logging.getLogger("comat.masks")
 
@@ -237,7 +237,7 @@ def entity_rows(prompt_id: str, kept: list[tuple[int, str]], found: dict, resolu
     for entity_index, noun in kept:
         boxes, scores, mask = found[noun_key(noun)]
         if mask is not None:
-            mask = resize_mask(mask, resolution) > 0.5
+            mask = resize_mask_area_majority(mask, resolution) > 0.5
         rows.append({
             "prompt_id": prompt_id, "sample": sample, "entity_index": entity_index, "noun": noun,
             "detected": mask is not None,

@@ -70,7 +70,7 @@ class OnlineSegmenter:
     def __call__(self, images, records: list[dict], resolution: int) -> list[list]:
         import torch
 
-        from comat_core.stages.masks.reader import EntityMask, resize_mask
+        from comat_core.stages.masks.reader import EntityMask, resize_mask_area_majority
         from comat_core.stages.masks.stage import caption_nouns, kept_entities, noun_key
 
         if self.backend is None:
@@ -87,7 +87,7 @@ class OnlineSegmenter:
             for index, noun in entities:
                 mask = per_noun[noun_key(noun)][2]
                 masks.append(EntityMask(index, noun, mask is not None,
-                                        None if mask is None else resize_mask(mask, resolution)))
+                                        None if mask is None else resize_mask_area_majority(mask, resolution)))
             out.append(masks)
         return out
 
