@@ -171,7 +171,6 @@ class SamplingPlan:
 class SampleOutput:
     latents: torch.Tensor  # [B, 4, h, w], in the graph from the first gradient step
     attention_maps: list[dict[str, torch.Tensor]] = field(default_factory=list)  # one dict per attention step
-    plan: SamplingPlan | None = None
 
 
 def gradient_step_indices(num_steps: int, grad_steps: int, start: int) -> list[int]:
@@ -310,7 +309,7 @@ class DifferentiableSampler:
             with torch.set_grad_enabled(i >= first_grad):
                 variance_noise = stream.variance[schedule.draw_index(i)] if schedule.needs_noise(i) else None
                 latents = schedule.step(eps, i, latents, variance_noise)
-        return SampleOutput(latents, maps, plan)
+        return SampleOutput(latents, maps)
 
     def _guided_noise(self, latents: torch.Tensor, i: int, cfg_cond: Conditioning, attention) -> torch.Tensor:
         """Classifier-free guidance on the ``[uncond, cond]`` batch."""

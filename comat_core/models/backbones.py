@@ -73,12 +73,6 @@ class Conditioning:
             raise ValueError(f"expand needs a batch-1 conditioning, got {len(self)} rows")
         return self._map(lambda x: x.expand(batch, *x.shape[1:]))
 
-    def select(self, index) -> "Conditioning":
-        return self._map(lambda x: x[index])
-
-    def to(self, *args, **kwargs) -> "Conditioning":
-        return self._map(lambda x: x.to(*args, **kwargs))
-
     @staticmethod
     def cat(parts: list["Conditioning"]) -> "Conditioning":
         """Rows of several conditionings, in order (the CFG batch is ``cat([uncond, cond])``)."""

@@ -46,11 +46,6 @@ class EvalSample:
     def image_path(self) -> str:
         return f"images/{self.model}/{self.category}/{self.prompt_idx}-{self.seed}.png"
 
-    @property
-    def pair_key(self) -> tuple[str, int, int]:
-        """What base and tuned images share when they are compared (same prompt, same seed)."""
-        return self.category, self.prompt_idx, self.seed
-
 
 class ScoringModels:
     """The frozen scoring models, each loaded on first use and kept for the stage's lifetime."""
