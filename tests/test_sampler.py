@@ -20,6 +20,7 @@ from comat_core.method.sampler import (
     gradient_step_indices,
     max_start_index,
 )
+from comat_core.models.generation import SeededNoise
 from lora_helpers import perturb_lora
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -185,6 +186,26 @@ def test_mixed_samples_restart_from_noised_ground_truth(sd15, cond):
     assert not torch.allclose(a[0], c[0])  # ... and follows its ground-truth latent
     assert not torch.allclose(a[1], b[1])  # the other sample is ordinary sampling
     torch.testing.assert_close(a[1], c[1])
+
+
+@torch.no_grad()
+def test_a_samples_stream_does_not_depend_on_whether_its_batch_mates_are_mixed(sd15, cond):
+    """Sample 0's latents are the same whether its batch-mate is mixed or not (and whether all are mixed,
+    when the steps before the start index are skipped), with per-sample and with whole-batch noise."""
+    sampler = DifferentiableSampler(sd15, 6, 7.5, 2, attribute_steps=0, p_mixed=0.01)
+    gt = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def sample_0(mixed, noise):
+        plan = SamplingPlan((), mix_index=2, mixed=mixed)
+        source = SeededNoise([11, 12]) if noise == "seeded" else torch.Generator().manual_seed(5)
+        return sampler.sample(cond, plan, source, gt_latents=gt).latents[0]
+
+    for noise in ("seeded", "batch"):
+        assert torch.equal(sample_0((True, True), noise), sample_0((True, False), noise))  # mixed sample
+        assert torch.equal(sample_0((False, True), noise), sample_0((False, False), noise))  # unmixed sample
+    # the plan keeps the Mixed Latent draw when no sample is mixed, so the stream's size never follows the draws
+    plans = [sampler.plan(2, torch.Generator().manual_seed(s), with_ground_truth=True) for s in range(20)]
+    assert any(not any(p.mixed) for p in plans) and all(p.mix_index is not None for p in plans)
 
 
 def test_mixed_sample_gets_no_gradient_from_steps_before_its_start(sd15, cond):

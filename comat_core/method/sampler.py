@@ -27,7 +27,9 @@ K steps carry gradients:
   samples' latents are replaced by ``scheduler.add_noise(z_gt, eps, timesteps[m])`` and sampling
   continues from there. The replacement cuts the graph, so gradient steps before ``m`` carry no
   gradient for mixed samples (they are skipped for them); when every sample is mixed, steps before
-  ``m`` are not computed at all.
+  ``m`` are not computed at all. Every sample's stream holds its restart noise ``eps`` whenever Mixed
+  Latent is on, mixed or not, so a sample consumes its stream the same way whatever its batch-mates
+  draw (with a whole-batch draw too, whose values depend on the draw's size).
 
 No host synchronisation inside the T-step loop (a CoMat step is host-bound, and
 every blocking copy or ``.item()`` makes the host wait for the GPU queue to drain): every random
@@ -159,7 +161,7 @@ class SamplingPlan:
 
     grad_indices: tuple[int, ...]
     attention_indices: tuple[int, ...] = ()
-    mix_index: int | None = None
+    mix_index: int | None = None  # set whenever Mixed Latent is on (its noise is drawn), even with no sample mixed
     mixed: tuple[bool, ...] = ()
 
     @property
@@ -236,11 +238,11 @@ class DifferentiableSampler:
         attention = self._attention_indices(grad, generator)
         mix_index, mixed = None, ()
         if with_ground_truth and self.p_mixed > 0:
+            # kept when no sample is mixed: the stream then still holds the restart noise, so its layout
+            # (and a whole-batch draw's values) follow the configuration, never the batch-mates' draws
             draws = torch.rand(batch_size, generator=generator) < self.p_mixed
             mixed = tuple(bool(x) for x in draws)
             mix_index = _randint(grad[-1], generator)
-            if not any(mixed):
-                mix_index, mixed = None, ()
         return SamplingPlan(tuple(grad), attention, mix_index, mixed)
 
     def _attention_indices(self, grad: list[int], generator: torch.Generator) -> tuple[int, ...]:
@@ -297,7 +299,7 @@ class DifferentiableSampler:
         begin = plan.mix_index if plan.mix_index is not None and all(plan.mixed) else 0
         maps: list[dict[str, torch.Tensor]] = []
         for i in range(begin, len(schedule)):
-            if i == plan.mix_index:
+            if i == plan.mix_index and any(plan.mixed):
                 latents = self._mix(latents, gt_latents, plan.mixed, i, stream.mix)
             with_grad = i in grad_set
             with torch.set_grad_enabled(with_grad):
