@@ -20,16 +20,16 @@ GOLDEN = {
         "prompts": "4e7ca2d6806c2405",
         "gan_gt": "cf7706e303a7a7e9",
         "masks": "540ed84f0afe5783",
-        "train": "5def5288d90b8b9e",
-        "evaluate": "f811c6ac2b9b6d16",
+        "train": "18e6ff3a2f853295",
+        "evaluate": "499b533ba0a61ae5",
     },
     "tiny-sdxl": {
         "prompts": "e0643aedc5190f14",
         "sdxl_prefinetune": "b2dc8971548a50dc",
         "gan_gt": "5eba03c242eaeecc",
         "masks": "cb14aa625cae919d",
-        "train": "c90a9ce69b6b4508",
-        "evaluate": "68bd978d673908f4",
+        "train": "3bf5b9019300d2d1",
+        "evaluate": "d0665865bd8ce9d5",
     },
 }
 

@@ -74,7 +74,9 @@ STAGES: dict[str, Stage] = {
         Stage("masks", ("prompts", "gan_gt"), "2", "comat_core.stages.masks.stage:run",
               models=("family", "pretrained", "vae", "grounding_dino", "sam", "sam_checkpoint", "sam_model_type"),
               runtime=("mixed_precision",), gpu=True, sharded=True, records=("overlay.png",)),
-        Stage("train", ("prompts", "gan_gt", "masks", "sdxl_prefinetune"), "2", "comat_core.stages.train.stage:run",
+        # train 3: the one decoder (fp32 for a force_upcast VAE in fp16, latents_mean/std honoured) and the
+        # Mixed Latent noise drawn whenever it is on; the same bytes in fp32 and bf16 with p_mixed 0
+        Stage("train", ("prompts", "gan_gt", "masks", "sdxl_prefinetune"), "3", "comat_core.stages.train.stage:run",
               models=("family", "pretrained", "vae", "captioner", "discriminator"),
               runtime=("mixed_precision", "seed"), gpu=True,
               records=("metrics.parquet", "curves.png", "samples/*", "logs/*", "checkpoints/*")),
