@@ -14,7 +14,7 @@ import json
 
 
 def describe(config: dict | None, stages: list[str] | None, force: list[str] | None = None) -> str:
-    from comat_core.preflight import build_config
+    from comat_core.config import build_config
     from comat_core.store.storage import ArtifactStore
     from flows.artifacts import pipeline_scope
 

@@ -287,7 +287,8 @@ def _log_traceback(path: str | None) -> None:
 
 
 def _dispatch(args) -> int:
-    from comat_core.preflight import build_config, check_this_machine, preflight
+    from comat_core.config import build_config
+    from comat_core.preflight import check_this_machine, preflight
 
     if args.command == "deploy":
         from flows.deploy import deploy

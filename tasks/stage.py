@@ -50,10 +50,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
-from comat_core.config import ComatConfig
+from comat_core.config import ComatConfig, build_config
 from comat_core.errors import InputError, IntegrityError, StorageError
 from comat_core.stages.registry import STAGES, compute_key, missing_input_advice, run_stage, stage_inputs
-from comat_core.preflight import build_config
 from comat_core.store.shards import ShardPart
 from comat_core.store.storage import ArtifactStore
 from tasks.results import persisting

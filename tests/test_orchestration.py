@@ -261,8 +261,7 @@ def test_bad_parameters_are_refused_at_submission(services):
     from prefect.deployments import run_deployment
     from prefect.exceptions import PrefectHTTPStatusError
 
-    from comat_core.config import PRESETS, STAGE_NAMES
-    from comat_core.preflight import Preset, StageName
+    from comat_core.config import PRESETS, STAGE_NAMES, Preset, StageName
     from flows.pipeline import comat
 
     assert typing.get_args(Preset) == PRESETS and typing.get_args(StageName) == STAGE_NAMES
