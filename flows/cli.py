@@ -339,7 +339,7 @@ def _print_results(cfg, results: dict[str, str], started: float | None = None) -
     if started is None:
         started = time.time()
     from comat_core.store.storage import ArtifactStore
-    from flows.summary import closing_lines, headline_lines, stage_rows
+    from tasks.summary import closing_lines, headline_lines, stage_rows
 
     store = ArtifactStore(cfg.storage.root, cfg.storage.options)
     rows = stage_rows(cfg, store, results, started)

@@ -50,7 +50,7 @@ from comat_core.errors import ComatError, ConfigError, StorageError
 from comat_core.stages.registry import STAGES, compute_key, verify_inputs
 from comat_core.preflight import check_this_machine, preflight
 from flows._naming import parent_run_name
-from flows.logs import forward_to_runs
+from tasks.logs import forward_to_runs
 from tasks.stage import config_payload, open_store, run_stage_task
 
 log = logging.getLogger("comat.flows")
@@ -202,11 +202,11 @@ def refuse(error: ComatError) -> State:
 
 
 def publish_run_summary(cfg: ComatConfig, results: dict[str, str], started: float, failed=None) -> None:
-    """The parent run's summary artifact (``flows/summary.py``); its lines go to the run's log too."""
+    """The parent run's summary artifact (``tasks/summary.py``); its lines go to the run's log too."""
     from prefect.artifacts import create_markdown_artifact
 
-    from flows.artifacts import artifact_key, pipeline_scope
-    from flows.summary import closing_lines, headline_rows, stage_rows, summary_markdown
+    from tasks.artifacts import artifact_key, pipeline_scope
+    from tasks.summary import closing_lines, headline_rows, stage_rows, summary_markdown
 
     try:
         store = open_store(cfg)

@@ -19,7 +19,7 @@ from comat_core.errors import ComatError, ConfigError
 from comat_core.config import ConfigRequest, build_config
 from comat_core.preflight import check_this_machine
 from flows._naming import stage_run_name
-from flows.logs import forward_to_runs
+from tasks.logs import forward_to_runs
 from flows.pipeline import refuse, require_storage
 from tasks.stage import open_store, run_stage_task
 

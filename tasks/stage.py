@@ -177,9 +177,9 @@ def stage_task(stage: str, config: dict, force: bool = False, part: list[int] | 
     ``part=[k, n]``: only the k-th of n slices of a sharded stage's shards, stage not committed."""
     from prefect.runtime import flow_run
 
-    from flows.artifacts import ProgressReporter, pipeline_scope, publish_stage
-    from flows.events import checkpoint_hook, stage_completed
-    from flows.logs import forward_to_runs, quiet_libraries
+    from tasks.artifacts import ProgressReporter, pipeline_scope, publish_stage
+    from tasks.events import checkpoint_hook, stage_completed
+    from tasks.logs import forward_to_runs, quiet_libraries
 
     forward_to_runs()
     quiet_libraries()
@@ -230,7 +230,7 @@ def evaluation_figures(store: ArtifactStore, result) -> dict | None:
     """evaluate: the headline metric per category (base, tuned, delta, 95 % CI) for its event."""
     if result.stage != "evaluate":
         return None
-    from flows.summary import headline_rows
+    from tasks.summary import headline_rows
 
     try:
         rows = headline_rows(store, {"evaluate": result.url})
