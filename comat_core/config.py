@@ -3,7 +3,8 @@
 A config is a preset (``tiny``, ``tiny-sdxl``, ``sd15``, ``sdxl``) plus, optionally, a YAML file plus
 ``--set a.b=c`` overrides, validated by pydantic before any work starts. Values of the real presets
 follow ``docs/method.md``; every **Decision** there is a flag whose reference value is documented
-next to it.
+next to it. ``build_config`` builds one from a request (``ConfigRequest``: the CLI's flags, the flows'
+``config`` parameter, the request a launched training process reads).
 
 Each stage reads only its own section (plus the models it uses), so the stage key of one stage never
 changes when another stage's section does.
@@ -694,3 +695,46 @@ def load_config(
 
 def config_to_yaml(cfg: ComatConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------- a config from a request
+
+Preset = Literal[PRESETS]  # the run form's choices, from the one list of presets and of stages
+StageName = Literal[STAGE_NAMES]
+
+
+class ConfigRequest(BaseModel):
+    """What to build the config from: the CLI's flags, and the ``config`` parameter of the flows.
+
+    Typed so that Prefect's run form shows fields (the preset as a choice, overrides as a list) and
+    a deployment refuses a bad value when the run is submitted.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: Preset | None = Field(None, description="base configuration (default tiny, or the one in config_file)")
+    config_file: str | None = Field(None, description="YAML file merged over the preset (a path on the worker)")
+    overrides: list[str] = Field(default_factory=list, description="KEY=VALUE, e.g. train.max_steps=500")
+    storage: str | None = Field(None, description="artifact store root: a local folder, s3://bucket/prefix, gs://...")
+    prompts: list[str] | None = Field(None, description="prompt files or globs replacing the preset's sources")
+    values: dict[str, Any] | None = Field(None, description="a resolved configuration (set by the pipeline for the "
+                                                            "runs it starts; leave empty)")
+
+
+def build_config(request: dict | ConfigRequest | ComatConfig | None) -> ComatConfig:
+    """``{"preset", "config_file", "overrides", "storage", "prompts"}`` → a validated ``ComatConfig``."""
+    if isinstance(request, ComatConfig):
+        return request
+    if isinstance(request, ConfigRequest):
+        request = request.model_dump(exclude_none=True)
+    request = dict(request or {})
+    unknown = set(request) - {"preset", "config_file", "overrides", "storage", "prompts", "values"}
+    if unknown:
+        raise ConfigError(f"unknown config request field(s) {sorted(unknown)}; "
+                          "use preset, config_file, overrides, storage, prompts, values")
+    extra: dict = dict(request.get("values") or {})
+    if request.get("storage") is not None:  # an empty --storage is an error, not the default
+        extra.setdefault("storage", {})["root"] = request["storage"]
+    if request.get("prompts"):
+        extra.setdefault("prompts", {})["sources"] = list(request["prompts"])
+    return load_config(request.get("preset"), request.get("config_file"), request.get("overrides"), extra)

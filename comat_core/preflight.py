@@ -1,4 +1,4 @@
-"""Build the config from a request (CLI flags or flow parameters) and check it before any work.
+"""Check a config (built from the CLI's flags or the flows' parameters by ``config.build_config``) before any work.
 
 ``preflight`` fails fast, with one line, on what would otherwise fail halfway through a run: an
 unreachable or unknown storage URL, a prompt source that matches nothing (or a folder, a bad line),
@@ -12,52 +12,9 @@ only for the stages that will be computed (not when everything is a cache hit).
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from comat_core.config import PRESETS, STAGE_NAMES, ComatConfig, load_config
+from comat_core.config import ComatConfig
 from comat_core.errors import ConfigError, InputError
-
-Preset = Literal[PRESETS]  # the run form's choices, from the one list of presets and of stages
-StageName = Literal[STAGE_NAMES]
-
-
-class ConfigRequest(BaseModel):
-    """What to build the config from: the CLI's flags, and the ``config`` parameter of the flows.
-
-    Typed so that Prefect's run form shows fields (the preset as a choice, overrides as a list) and
-    a deployment refuses a bad value when the run is submitted.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    preset: Preset | None = Field(None, description="base configuration (default tiny, or the one in config_file)")
-    config_file: str | None = Field(None, description="YAML file merged over the preset (a path on the worker)")
-    overrides: list[str] = Field(default_factory=list, description="KEY=VALUE, e.g. train.max_steps=500")
-    storage: str | None = Field(None, description="artifact store root: a local folder, s3://bucket/prefix, gs://...")
-    prompts: list[str] | None = Field(None, description="prompt files or globs replacing the preset's sources")
-    values: dict[str, Any] | None = Field(None, description="a resolved configuration (set by the pipeline for the "
-                                                            "runs it starts; leave empty)")
-
-
-def build_config(request: dict | ConfigRequest | ComatConfig | None) -> ComatConfig:
-    """``{"preset", "config_file", "overrides", "storage", "prompts"}`` → a validated ``ComatConfig``."""
-    if isinstance(request, ComatConfig):
-        return request
-    if isinstance(request, ConfigRequest):
-        request = request.model_dump(exclude_none=True)
-    request = dict(request or {})
-    unknown = set(request) - {"preset", "config_file", "overrides", "storage", "prompts", "values"}
-    if unknown:
-        raise ConfigError(f"unknown config request field(s) {sorted(unknown)}; "
-                          "use preset, config_file, overrides, storage, prompts, values")
-    extra: dict = dict(request.get("values") or {})
-    if request.get("storage") is not None:  # an empty --storage is an error, not the default
-        extra.setdefault("storage", {})["root"] = request["storage"]
-    if request.get("prompts"):
-        extra.setdefault("prompts", {})["sources"] = list(request["prompts"])
-    return load_config(request.get("preset"), request.get("config_file"), request.get("overrides"), extra)
 
 
 def check_stage_names(cfg: ComatConfig, names: list[str] | None, what: str) -> None:

@@ -2,7 +2,7 @@
 ``tiny 3f9a1c@7b2e01: prompts > gan_gt > ... (force train)``.
 
 The config hash covers everything that was set (overrides, a config file, prompt files, storage);
-the storage hash is the one in the pipeline's artifact keys (``flows.artifacts.pipeline_scope``),
+the storage hash is the one in the pipeline's artifact keys (``tasks.artifacts.pipeline_scope``),
 so a run's name, its artifacts and its storage root point at each other. A request whose config
 cannot be built is named ``<preset>: refused, config not valid ...``: the run stops at its config check.
 """
@@ -14,9 +14,9 @@ import json
 
 
 def describe(config: dict | None, stages: list[str] | None, force: list[str] | None = None) -> str:
-    from comat_core.preflight import build_config
+    from comat_core.config import build_config
     from comat_core.store.storage import ArtifactStore
-    from flows.artifacts import pipeline_scope
+    from tasks.artifacts import pipeline_scope
 
     try:
         cfg = build_config(config)

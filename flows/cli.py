@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
 import time
+
+from tasks.logs import drop_logging, setup_logging
 
 EXIT_USAGE = 2
 
@@ -125,98 +126,6 @@ def config_request(args) -> dict:
 
 
 EXIT_FAILURE = 1
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-class _NoTraceback(logging.Formatter):
-    """Console lines without the traceback a record carries (it goes to the debug log instead)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        saved = record.exc_info, record.exc_text, record.stack_info
-        record.exc_info = record.exc_text = record.stack_info = None
-        try:
-            return super().format(record)
-        finally:
-            record.exc_info, record.exc_text, record.stack_info = saved
-
-
-def _not_on_console(record: logging.LogRecord) -> bool:
-    """Keep off the console (the debug log and the Prefect run log still have them): Prefect's advice to
-    start a dedicated server, printed by every run on its temporary one, and the flow's per-stage rows,
-    which ``comat run`` prints itself, once, at the end."""
-    if record.name == "prefect" and str(record.msg).startswith("Starting temporary server"):
-        return False
-    return not (record.name == "comat.flows" and record.msg == STAGE_ROW_FORMAT)
-
-
-STAGE_ROW_FORMAT = "%-16s %-8s %s %s"  # flows/pipeline.py's publish_run_summary
-
-
-DEBUG_LOGS_KEPT = 20
-
-
-def debug_log_path() -> str:
-    """Where this ``comat run`` writes every log record with its traceback: ``<cache>/logs/run-<UTC time>-<pid>.log``,
-    one file per run (concurrent runs included); ``<cache>/logs/last-run.log`` links to the newest."""
-    from comat_core.models.loader import cache_dir
-
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    return str(cache_dir() / "logs" / f"run-{stamp}-{os.getpid()}.log")
-
-
-def link_last_run(path: str, keep: int = DEBUG_LOGS_KEPT) -> None:
-    """Point ``last-run.log`` at ``path`` (a copy where links are refused) and keep only the newest ``keep`` run logs."""
-    folder = os.path.dirname(path)
-    last, tmp = os.path.join(folder, "last-run.log"), os.path.join(folder, f".last-run-{os.getpid()}")
-    try:
-        try:
-            os.symlink(os.path.basename(path), tmp)
-        except OSError:
-            shutil.copyfile(path, tmp)
-        os.replace(tmp, last)
-        runs = sorted(n for n in os.listdir(folder) if n.startswith("run-") and n.endswith(".log"))
-        for old in runs[:-keep]:
-            os.remove(os.path.join(folder, old))
-    except OSError:
-        pass  # the run's own log is written; only the link or the pruning failed
-
-
-def setup_logging(verbose: bool, command: str) -> str | None:
-    """Console: one line per record (tracebacks too with ``-v``). ``run`` also writes the debug log,
-    tracebacks included, so an error shows as one line and its details stay one file away. Both mask
-    environment credentials (``comat_core/store/credentials.py``)."""
-    from comat_core.store.credentials import add_redaction
-
-    root = logging.getLogger()
-    drop_logging()
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    console = logging.StreamHandler()
-    console.setFormatter(logging.Formatter(LOG_FORMAT) if verbose else _NoTraceback(LOG_FORMAT))
-    console.addFilter(_not_on_console)
-    console.comat = True
-    root.addHandler(add_redaction(console))
-    if command != "run":
-        return None
-    path = debug_log_path()
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        handler = logging.FileHandler(path, mode="w", encoding="utf-8")
-    except OSError:
-        return None  # no debug log on a read-only home: the console still has the one-line errors
-    link_last_run(path)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    handler.comat = True
-    root.addHandler(add_redaction(handler))
-    return path
-
-
-def drop_logging() -> None:
-    """Remove the handlers ``setup_logging`` added: a ``main()`` called in-process (tests, notebooks) must not
-    leave a handler on a stream its caller may close."""
-    root = logging.getLogger()
-    for old in [h for h in root.handlers if getattr(h, "comat", False)]:
-        root.removeHandler(old)
-        old.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,7 +196,8 @@ def _log_traceback(path: str | None) -> None:
 
 
 def _dispatch(args) -> int:
-    from comat_core.preflight import build_config, check_this_machine, preflight
+    from comat_core.config import build_config
+    from comat_core.preflight import check_this_machine, preflight
 
     if args.command == "deploy":
         from flows.deploy import deploy
@@ -338,7 +248,7 @@ def _print_results(cfg, results: dict[str, str], started: float | None = None) -
     if started is None:
         started = time.time()
     from comat_core.store.storage import ArtifactStore
-    from flows.summary import closing_lines, headline_lines, stage_rows
+    from tasks.summary import closing_lines, headline_lines, stage_rows
 
     store = ArtifactStore(cfg.storage.root, cfg.storage.options)
     rows = stage_rows(cfg, store, results, started)

@@ -4,7 +4,7 @@
         -> {stage: artifact URL}
 
 ``config`` is a config request (``preset``, ``config_file``, ``overrides``, ``storage``, ``prompts``,
-``values``; see ``comat_core.preflight.build_config``). It is resolved and checked once, here, and
+``values``; see ``comat_core.config.build_config``). It is resolved and checked once, here, and
 the stages receive the resolved values, so a worker never needs the YAML file. ``stages`` restricts
 the run to a subset (kept in pipeline order; their inputs must already be in storage). ``force``
 recomputes the named stages; their dependants recompute when the output changed (new keys), everything else
@@ -45,12 +45,12 @@ from typing import Literal
 from prefect import flow
 from prefect.states import Failed, State
 
-from comat_core.config import ComatConfig
+from comat_core.config import ComatConfig, ConfigRequest, StageName, build_config
 from comat_core.errors import ComatError, ConfigError, StorageError
 from comat_core.stages.registry import STAGES, compute_key, verify_inputs
-from comat_core.preflight import ConfigRequest, StageName, build_config, check_this_machine, preflight
+from comat_core.preflight import check_this_machine, preflight
 from flows._naming import parent_run_name
-from flows.logs import forward_to_runs
+from tasks.logs import forward_to_runs
 from tasks.stage import config_payload, open_store, run_stage_task
 
 log = logging.getLogger("comat.flows")
@@ -202,11 +202,11 @@ def refuse(error: ComatError) -> State:
 
 
 def publish_run_summary(cfg: ComatConfig, results: dict[str, str], started: float, failed=None) -> None:
-    """The parent run's summary artifact (``flows/summary.py``); its lines go to the run's log too."""
+    """The parent run's summary artifact (``tasks/summary.py``); its lines go to the run's log too."""
     from prefect.artifacts import create_markdown_artifact
 
-    from flows.artifacts import artifact_key, pipeline_scope
-    from flows.summary import closing_lines, headline_rows, stage_rows, summary_markdown
+    from tasks.artifacts import artifact_key, pipeline_scope
+    from tasks.summary import closing_lines, headline_rows, stage_rows, summary_markdown
 
     try:
         store = open_store(cfg)

@@ -16,9 +16,10 @@ from __future__ import annotations
 from prefect import flow
 
 from comat_core.errors import ComatError, ConfigError
-from comat_core.preflight import ConfigRequest, build_config, check_this_machine
+from comat_core.config import ConfigRequest, build_config
+from comat_core.preflight import check_this_machine
 from flows._naming import stage_run_name
-from flows.logs import forward_to_runs
+from tasks.logs import forward_to_runs
 from flows.pipeline import refuse, require_storage
 from tasks.stage import open_store, run_stage_task
 

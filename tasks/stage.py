@@ -50,10 +50,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
-from comat_core.config import ComatConfig
+from comat_core.config import ComatConfig, build_config
 from comat_core.errors import InputError, IntegrityError, StorageError
 from comat_core.stages.registry import STAGES, compute_key, missing_input_advice, run_stage, stage_inputs
-from comat_core.preflight import build_config
 from comat_core.store.shards import ShardPart
 from comat_core.store.storage import ArtifactStore
 from tasks.results import persisting
@@ -178,9 +177,9 @@ def stage_task(stage: str, config: dict, force: bool = False, part: list[int] | 
     ``part=[k, n]``: only the k-th of n slices of a sharded stage's shards, stage not committed."""
     from prefect.runtime import flow_run
 
-    from flows.artifacts import ProgressReporter, pipeline_scope, publish_stage
-    from flows.events import checkpoint_hook, stage_completed
-    from flows.logs import forward_to_runs, quiet_libraries
+    from tasks.artifacts import ProgressReporter, pipeline_scope, publish_stage
+    from tasks.events import checkpoint_hook, stage_completed
+    from tasks.logs import forward_to_runs, quiet_libraries
 
     forward_to_runs()
     quiet_libraries()
@@ -231,7 +230,7 @@ def evaluation_figures(store: ArtifactStore, result) -> dict | None:
     """evaluate: the headline metric per category (base, tuned, delta, 95 % CI) for its event."""
     if result.stage != "evaluate":
         return None
-    from flows.summary import headline_rows
+    from tasks.summary import headline_rows
 
     try:
         rows = headline_rows(store, {"evaluate": result.url})

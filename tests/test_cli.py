@@ -46,7 +46,7 @@ def test_version_verbose_after_the_command_and_stage_names_in_help(capsys):
 def test_console_drops_prefects_server_advice_and_the_flows_stage_rows():
     import logging
 
-    from flows.cli import STAGE_ROW_FORMAT, _not_on_console
+    from tasks.logs import STAGE_ROW_FORMAT, _not_on_console
 
     def record(name, msg, *args):
         return logging.LogRecord(name, logging.INFO, __file__, 1, msg, args, None)

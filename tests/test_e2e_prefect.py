@@ -118,7 +118,7 @@ def test_full_pipeline_deployment_runs_on_a_local_worker_with_s3(services, e2e_e
         assert store.read_manifest(stage, key) is not None, f"{stage} has no manifest in {root}"
 
     keys = _artifact_keys(run.id)
-    from flows.artifacts import artifact_key, pipeline_scope
+    from tasks.artifacts import artifact_key, pipeline_scope
 
     scope = pipeline_scope("tiny", store.root_url)
     for stage in RUNNABLE:

@@ -12,12 +12,13 @@ from PIL import Image
 from comat_core.config import load_config
 from comat_core.stages.evaluate import metrics as metrics_module
 from comat_core.stages.evaluate.clip_score import clip_similarity, cosine_similarity, without_attributes
-from comat_core.stages.evaluate.complex import Complex, ComplexRouting, combine, routing_key
+from comat_core.stages.evaluate.complex import Complex, combine
 from comat_core.stages.evaluate.coverage import caption_nll, to_unit_tensor
 from comat_core.stages.evaluate.metrics import EvalSample, Metric, MetricEnv, ScoringModels, headline_metric, metrics_for
 from comat_core.stages.evaluate.prompt_sets import load_eval_prompts
 from comat_core.stages.evaluate.report import (bootstrap_ci, chart_image, chart_rows, grid_headers, grid_image,
                                               grid_layout, paired_deltas, parse_table, summarise)
+from comat_core.stages.evaluate.routing import ComplexRouting, routing_key
 from comat_core.stages.evaluate.spatial import (
     NEAR_DISTANCE,
     Box,

@@ -117,7 +117,7 @@ def test_export_carries_the_evaluation_report_once_evaluated(capsys, trained, tm
     for name in ("grid.png", "chart.png"):
         assert (out / name).is_file() and (out / "evaluation" / name).is_file()
         assert f"]({name})" in card and f"]({name})" in report
-    from flows.artifacts import evaluation_pictures  # the run summary artifact embeds the same two pictures
+    from tasks.artifacts import evaluation_pictures  # the run summary artifact embeds the same two pictures
 
     pictures = evaluation_pictures(store, {"evaluate": store.stage_url("evaluate", compute_key(cfg, store, "evaluate"))})
     assert [p.split("**")[1] for p in pictures] == ["chart.png", "grid.png"]
@@ -128,7 +128,7 @@ def test_export_carries_the_evaluation_report_once_evaluated(capsys, trained, tm
 
 def test_closing_lines_of_a_run_execute_as_printed(trained, tmp_path):
     """``comat run``'s last lines: the tiny base model from comat's cache, the LoRA from the store."""
-    from flows.summary import closing_lines
+    from tasks.summary import closing_lines
 
     cfg, store, root = trained
     results = {s: store.stage_url(s, compute_key(cfg, store, s)) for s in ("prompts", "gan_gt", "masks", "train")}

@@ -275,7 +275,7 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next_and_each_run_has_its_
     from comat_core.config import load_config
     from comat_core.stages.registry import compute_key, run_stage, scratch_prefix
     from comat_core.store.storage import ArtifactStore
-    from flows.cli import link_last_run
+    from tasks.logs import link_last_run
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)

@@ -261,8 +261,7 @@ def test_bad_parameters_are_refused_at_submission(services):
     from prefect.deployments import run_deployment
     from prefect.exceptions import PrefectHTTPStatusError
 
-    from comat_core.config import PRESETS, STAGE_NAMES
-    from comat_core.preflight import Preset, StageName
+    from comat_core.config import PRESETS, STAGE_NAMES, Preset, StageName
     from flows.pipeline import comat
 
     assert typing.get_args(Preset) == PRESETS and typing.get_args(StageName) == STAGE_NAMES
@@ -611,7 +610,7 @@ def test_crash_in_sharded_stage_then_flow_retry_keeps_completed_shards(services,
     assert committed[names[0]] < crash_time  # shard 0 was committed by the crashed attempt ...
     assert all(committed[n] > crash_time for n in names[1:])  # ... and kept; the rest came after
     assert manifests(store_copy)[stage]["key"] == key
-    from flows.artifacts import artifact_key, pipeline_scope
+    from tasks.artifacts import artifact_key, pipeline_scope
 
     summary = _latest_artifact(artifact_key(pipeline_scope("tiny", ArtifactStore(str(store_copy)).root_url), "run",
                                             "summary"), flow_run.id)
@@ -628,7 +627,7 @@ def test_a_killed_run_says_so_in_its_progress_and_states(services, baseline, sto
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.client.schemas.sorting import ArtifactSort
 
-    from flows.artifacts import artifact_key, pipeline_scope
+    from tasks.artifacts import artifact_key, pipeline_scope
 
     slow = "train.max_steps=60"
     code = ("import sys, json; from flows.pipeline import comat; "
@@ -691,7 +690,7 @@ def _latest_artifact(key: str, flow_run_id):
 
 
 def key_of(baseline, stage: str, kind: str) -> str:
-    from flows.artifacts import artifact_key, pipeline_scope
+    from tasks.artifacts import artifact_key, pipeline_scope
 
     return artifact_key(pipeline_scope("tiny", ArtifactStore(str(baseline["root"])).root_url), stage, kind)
 
@@ -738,7 +737,7 @@ def test_each_stage_publishes_progress_outputs_and_storage_link(baseline):
 
 
 def test_stage_specific_artifacts_follow_the_manifest(baseline):
-    from flows.artifacts import preview_images
+    from tasks.artifacts import preview_images
 
     run = baseline["flow_run_id"]
     for stage in RUNNABLE:
@@ -763,7 +762,7 @@ def test_progress_reporter_sends_throttled_updates_and_the_final_one(services):
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterId
 
-    from flows.artifacts import ProgressReporter
+    from tasks.artifacts import ProgressReporter
 
     def progress(artifact_id) -> float:
         with get_client(sync_client=True) as client:
@@ -790,7 +789,7 @@ def test_progress_reporter_sends_throttled_updates_and_the_final_one(services):
 def test_a_stage_that_stopped_says_how_and_a_resumed_one_from_where():
     import asyncio
 
-    from flows.summary import ending, resumed_note
+    from tasks.summary import ending, resumed_note
 
     assert resumed_note({"resumed_from": 400, "steps": 600}) == " (resumed from step 400)"
     assert resumed_note({"resumed_from": None, "steps": 600}) == ""
@@ -804,7 +803,7 @@ def test_a_stage_that_stopped_says_how_and_a_resumed_one_from_where():
 def test_artifact_helpers():
     import pyarrow as pa
 
-    from flows.artifacts import artifact_key, curve_rows, pipeline_scope, preview_images, summary_rows
+    from tasks.artifacts import artifact_key, curve_rows, pipeline_scope, preview_images, summary_rows
 
     assert artifact_key("tiny-sdxl-0a1b2c", "gan_gt", "images") == "comat-tiny-sdxl-0a1b2c-gan-gt-images"
     assert pipeline_scope("tiny", "/a") != pipeline_scope("tiny", "/b") != pipeline_scope("sd15", "/b")

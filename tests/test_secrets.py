@@ -19,7 +19,8 @@ import pytest
 
 from comat_core.store.credentials import RedactSecrets, check_storage_options, redact, secret_options
 from fast_run import FAST
-from flows.cli import debug_log_path, main
+from flows.cli import main
+from tasks.logs import debug_log_path
 
 
 @pytest.fixture()

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from comat_core.preflight import build_config
+from comat_core.config import build_config
 from comat_core.stages.registry import compute_key
 from comat_core.store.storage import ArtifactStore, sha256_bytes
 

@@ -9,54 +9,20 @@ Each complex prompt is listed in one of three routing files:
 Exactness notes (reference: T2I-CompBench ``3_in_1_eval/3_in_1.py``): prompts are matched on the
 lower-cased text before the first "." (so "The cat sat. It slept." matches on "the cat sat"); the
 spatial list is checked first, then the action list, and a prompt in neither gets all three (the
-reference's ``else`` branch). The spatial part parses objects as complex sentences, and the CLIP part
-scores the prompt with its attribute words removed, as the reference's ``--complex`` flags do.
+reference's ``else`` branch); ``routing.ComplexRouting`` does this matching. The spatial part parses
+objects as complex sentences, and the CLIP part scores the prompt with its attribute words removed,
+as the reference's ``--complex`` flags do.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 from comat_core.stages.evaluate.clip_score import clip_scores, without_attributes
 from comat_core.stages.evaluate.registry import EvalSample, Metric, Values, register
+from comat_core.stages.evaluate.routing import COMPONENTS
 from comat_core.stages.evaluate.spatial import spatial_scores
 from comat_core.stages.evaluate.vqa import attribute_scores
-
-COMPONENTS = ("attribute", "spatial", "action")
-ROUTES = {
-    "spatial": ("attribute", "spatial"),
-    "action": ("attribute", "action"),
-    "spatial_action": ("attribute", "spatial", "action"),
-}
-
-
-def routing_key(prompt: str) -> str:
-    """How the reference matches prompts across files: lower-cased, up to the first "."."""
-    return prompt.strip().split(".")[0].lower()
-
-
-@dataclass(frozen=True)
-class ComplexRouting:
-    """Which components score each complex prompt, from the routing files' prompt lists."""
-
-    spatial: frozenset[str]
-    action: frozenset[str]
-
-    @classmethod
-    def from_lists(cls, spatial: Sequence[str], action: Sequence[str]) -> "ComplexRouting":
-        return cls(frozenset(map(routing_key, spatial)), frozenset(map(routing_key, action)))
-
-    def route(self, prompt: str) -> str:
-        key = routing_key(prompt)
-        if key in self.spatial:
-            return "spatial"
-        if key in self.action:
-            return "action"
-        return "spatial_action"
-
-    def components(self, prompt: str) -> tuple[str, ...]:
-        return ROUTES[self.route(prompt)]
 
 
 def combine(parts: dict[str, float | None]) -> float:

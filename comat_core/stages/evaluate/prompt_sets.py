@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from comat_core.config import EvaluateConfig
 from comat_core.errors import InputError
 from comat_core.stages.prompts import BUILTIN, expand_source, read_lines, read_prompt_bytes
-from comat_core.stages.evaluate.complex import ComplexRouting
+from comat_core.stages.evaluate.routing import ComplexRouting
 
 ROUTING_FILES = {
     "spatial": "complex_val_spatial.txt",

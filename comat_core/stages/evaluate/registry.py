@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
 
     from comat_core.config import EvaluateConfig, ModelsConfig
-    from comat_core.stages.evaluate.complex import ComplexRouting  # noqa: F401 (annotation only)
+    from comat_core.stages.evaluate.routing import ComplexRouting  # noqa: F401 (annotation only)
 
 Values = list[float | None]  # one per image; None: the metric does not apply to that image
 

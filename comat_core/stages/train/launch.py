@@ -154,7 +154,7 @@ def run_command(cmd: list[str], progress: Callable[[int, int, str], None] | None
 def join(config_request: dict) -> None:
     """Machine ``train.machine_rank`` >= 1 of a multi-machine training: run its processes, commit nothing."""
     from comat_core.stages.registry import compute_key
-    from comat_core.preflight import build_config
+    from comat_core.config import build_config
     from comat_core.store.storage import ArtifactStore
 
     cfg = build_config(config_request)
@@ -174,7 +174,7 @@ def join(config_request: dict) -> None:
 def train_from_request(request: dict) -> dict:
     """Train as one process of the launched group; the main process commits the result shard."""
     from comat_core.stages.registry import StageContext, compute_key, stage_inputs, with_world_models
-    from comat_core.preflight import build_config
+    from comat_core.config import build_config
     from comat_core.store.storage import ArtifactStore
     from comat_core.stages.train.inputs import train_in_process
 

@@ -99,7 +99,7 @@ def headline_rows(store: ArtifactStore, results: dict[str, str]) -> list[dict]:
 
 def headline_of(summary: dict | None) -> list[dict]:
     """The headline rows of an evaluate ``summary.json`` (None: no evaluation, no rows)."""
-    from flows.rows import result_rows
+    from tasks.rows import result_rows
 
     return [r for r in result_rows(summary.get("results", {})) if r["headline"]] if summary else []
 
@@ -172,7 +172,7 @@ def _fmt(value) -> str:
 
 def summary_markdown(cfg: ComatConfig, store: ArtifactStore, rows: list[dict], headline: list[dict],
                      closing: list[str], started: float) -> str:
-    from flows.artifacts import evaluation_pictures, folder_markdown
+    from tasks.artifacts import evaluation_pictures, folder_markdown
 
     total = time.time() - started
     counts = {s: sum(r["state"].split(" ")[0] == s for r in rows)

@@ -4,7 +4,7 @@ Every artifact has a stable key ``comat-<scope>-<stage>-<kind>`` (lowercase, das
 scope is the preset and a short hash of the storage root (``pipeline_scope``): the UI's Artifacts
 page shows one history per pipeline, stage and kind, and two pipelines on one server (another
 preset, another bucket) never interleave their histories. The parent run adds
-``comat-<scope>-run-summary`` (``flows/summary.py``).
+``comat-<scope>-run-summary`` (``tasks/summary.py``).
 
 * ``progress`` - a progress artifact moved by the stage's ``ctx.progress(done, total, message)``;
 * ``outputs``  - a table: stage, key, cached or computed, file count, bytes, seconds, URL;
@@ -34,7 +34,7 @@ from collections.abc import Callable
 from urllib.parse import quote
 from uuid import UUID
 
-from flows.rows import _clean, result_rows  # noqa: F401 - result_rows is used here and re-exported
+from tasks.rows import _clean, result_rows  # noqa: F401 - result_rows is used here and re-exported
 from prefect.artifacts import (
     create_image_artifact,
     create_link_artifact,
