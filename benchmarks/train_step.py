@@ -283,9 +283,11 @@ def production_config(args, paths: dict[str, Path], overrides: list[str], batch:
 
 
 def step_inputs(tr, batch: int, seed: int):
-    """One micro-batch through the production ``TrainingData`` (token alignment, mask resizing)."""
+    """One micro-batch through the production ``TrainingData`` (stored token positions, mask resizing)."""
+    from comat_core.method.data import TrainingData, TrainingSources
+    from comat_core.stages.entities import entities_from_records
     from comat_core.stages.masks.reader import EntityMask
-    from comat_core.method.trainer import TrainingData, TrainingSources
+    from comat_core.text import entity_token_indices
 
     records = []
     for i in range(batch):
@@ -293,6 +295,9 @@ def step_inputs(tr, batch: int, seed: int):
         records.append({"prompt_id": f"p{i}", "text": text, "entities": [
             {"noun": noun, "noun_span": list(span), "attribute_spans": [list(attr)],
              "phrase_span": [attr[0], span[1]]} for noun, span, attr in entities]})
+        tokens = entity_token_indices(tr.backbone.tokenizer, text, entities_from_records(records[-1]["entities"]))
+        for entity, indices in zip(records[-1]["entities"], tokens):
+            entity["token_indices"] = indices  # as the prompts stage stores them
     shape = tr.backbone.latent_shape()
     g = torch.Generator().manual_seed(seed)
     latents = {r["prompt_id"]: torch.randn(*shape, generator=g) for r in records}
@@ -303,7 +308,7 @@ def step_inputs(tr, batch: int, seed: int):
         return [[EntityMask(0, "a", True, left), EntityMask(1, "b", True, 1 - left)] for _ in ids]
 
     sources = TrainingSources(records, lambda ids, samples=None: torch.stack([latents[i] for i in ids]), entity_masks)
-    data = TrainingData(sources, tr.backbone.tokenizer, shape[-1], with_targets=tr.attention is not None)
+    data = TrainingData(sources, shape[-1], with_targets=tr.attention is not None)
     return data.inputs(list(range(batch)))
 
 

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from comat_core.stages.entities import (Entity, align_spans_to_tokens, entities_from_doc, entities_from_records,
-                                 entities_to_records, extract_entities, resolve_parser)
+from comat_core.stages.entities import entities_from_records, entities_to_records
+from comat_core.text import Entity, align_spans_to_tokens, extract_entities, resolve_parser
+from comat_core.text.spacy_parser import entities_from_doc
 from comat_core.errors import ConfigError, InputError
 
 
@@ -272,9 +273,9 @@ def test_spacy_mapping_predicate_and_made_of():
 
 
 def test_spacy_parser_without_a_model_is_a_config_error():
-    from comat_core.stages import entities
+    from comat_core.text import spacy_parser
 
-    if entities._spacy_model_name() is not None:
+    if spacy_parser.model_name() is not None:
         pytest.skip("a spaCy model is installed")
     assert resolve_parser("auto") == "offline"
     with pytest.raises(ConfigError):

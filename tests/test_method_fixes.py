@@ -24,7 +24,8 @@ import torch
 
 from comat_core.config import load_config
 from comat_core.errors import ConfigError, InputError
-from comat_core.method.trainer import TrainingData, build_training, generator_losses, step_generators
+from comat_core.method.data import TrainingData
+from comat_core.method.trainer import build_training, generator_losses, step_generators
 from comat_core.stages.gan_gt import GanGtReader, sample_seed
 from comat_core.stages.masks.reader import MaskReader
 from comat_core.stages.prompts import read_prompts
@@ -55,7 +56,7 @@ def readers(cfg, store):
 
 
 def sources(cfg, store, with_masks: bool = False):
-    from comat_core.method.trainer import TrainingSources
+    from comat_core.method.data import TrainingSources
 
     prompts, gt = readers(cfg, store)
     masks = MaskReader(store.reader("masks", compute_key(cfg, store, "masks"))).entity_masks if with_masks else None
@@ -78,7 +79,7 @@ def test_trainer_replays_the_gan_gt_sample_at_the_lora_start(preset, tmp_path):
     assert (cfg.train.noise, cfg.train.masks) == ("replay", "offline")
     src, gt = sources(cfg, store)
     tr = build_training(cfg)
-    data = TrainingData(src, tr.backbone.tokenizer, 8, with_targets=False, seed=cfg.train.seed)
+    data = TrainingData(src, 8, with_targets=False, seed=cfg.train.seed)
     for batch in ([0, 1], [2, 3]):
         inputs = data.inputs(batch)
         assert inputs.seeds == [sample_seed(cfg.gan_gt.seed, pid, 0) for pid in inputs.prompt_ids]
@@ -107,7 +108,7 @@ def test_fresh_noise_does_not_replay_the_gan_gt_sample(tmp_path):
     src = training_sources(fresh, prompts, gt)
     assert src.seeds is None and src.entity_masks is None and src.segment is not None
     tr = build_training(fresh)
-    inputs = TrainingData(src, tr.backbone.tokenizer, 8, with_targets=False).inputs([0, 1])
+    inputs = TrainingData(src, 8, with_targets=False).inputs([0, 1])
     cpu_gen, noise_gen = step_generators(0, 0, 0, tr.device)
     with torch.no_grad():
         _, latents = generator_losses(tr, inputs, cpu_gen, noise_gen)
@@ -147,8 +148,7 @@ def test_two_samples_per_prompt_have_their_own_seeds_latents_and_masks(tmp_path)
 
     # the targets handed to the loss are those of the sample's own (prompt, seed)
     src, _ = sources(cfg, store, with_masks=True)
-    tokenizer = build_training(cfg).backbone.tokenizer
-    data = TrainingData(src, tokenizer, 8, seed=cfg.train.seed)
+    data = TrainingData(src, 8, seed=cfg.train.seed)
     reader = MaskReader(masks)
     with_entities = [i for i, p in enumerate(prompts) if (p["prompt_id"], 0) in masked]
     for epoch in (0, 1):
@@ -192,7 +192,7 @@ def test_online_masks_segment_the_online_image_detached(tmp_path):
     src.segment = spy
     tr = build_training(cfg)
     with_entities = [i for i, r in enumerate(src.prompts) if r["entities"]][:2]
-    data = TrainingData(src, tr.backbone.tokenizer, 8, seed=cfg.train.seed)
+    data = TrainingData(src, 8, seed=cfg.train.seed)
     inputs = data.inputs(with_entities)
     assert inputs.targets is None  # no offline masks: they come from the image
     cpu_gen, noise_gen = step_generators(0, 0, 0, tr.device)
@@ -327,7 +327,7 @@ def test_step0_replay_in_the_training_precision(precision, tmp_path, request):
     src, _ = sources(cfg, store)
     tr = build_training(cfg)
     assert tr.backbone.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
-    data = TrainingData(src, tr.backbone.tokenizer, 8, with_targets=False, seed=cfg.train.seed)
+    data = TrainingData(src, 8, with_targets=False, seed=cfg.train.seed)
     replays, steps, truth = [], [], []
     for batch in ([0, 1], [2, 3]):
         inputs = data.inputs(batch)

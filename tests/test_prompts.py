@@ -1,4 +1,4 @@
-"""The prompts stage: multiset reading, dedup, evaluation-overlap removal, stable ids, entity spans."""
+"""The prompts stage: multiset reading, dedup, evaluation-overlap removal, stable ids, entity spans and tokens."""
 
 import glob
 import logging
@@ -9,9 +9,12 @@ import pytest
 
 from comat_core.config import load_config
 from comat_core.errors import InputError
+from comat_core.models.loader import load_sd_pipeline, load_tokenizer
+from comat_core.stages.entities import entity_records
 from comat_core.stages.registry import run_stage
-from comat_core.stages.prompts import collect_prompts, prompt_id, read_prompts
+from comat_core.stages.prompts import DATA_DIR, collect_prompts, prompt_id, read_prompts
 from comat_core.store.storage import ArtifactStore
+from comat_core.text import align_spans_to_tokens
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -70,6 +73,40 @@ def test_stage_writes_parquet_with_entities_and_stable_ids(tmp_path, fixtures):
     assert run_stage(cfg, store, "prompts").cached
     b.write_text("a red cube and a blue sphere\n", encoding="utf-8")
     assert run_stage(cfg, store, "prompts").key != res.key
+
+
+def _trainers_alignment(tokenizer, record: dict) -> list[list[int]]:
+    """How the trainer aligned each entity before the prompts stage stored its tokens: the sorted union of
+    the token positions of its noun and attribute spans, one tokenizer call per entity."""
+    out = []
+    for e in record["entities"]:
+        spans = [tuple(e["noun_span"])] + [tuple(s) for s in e["attribute_spans"]]
+        out.append(sorted({i for span in align_spans_to_tokens(tokenizer, record["text"], spans) for i in span}))
+    return out
+
+
+def test_stored_token_indices_are_the_trainers_alignment_on_the_tiny_prompts(tmp_path):
+    cfg = load_config("tiny", extra={"storage": {"root": str(tmp_path / "store")}})
+    store = ArtifactStore(cfg.storage.root)
+    rows = read_prompts(store.reader("prompts", run_stage(cfg, store, "prompts").key))
+    trainer_tokenizer = load_sd_pipeline(cfg.models.pretrained, cfg.models.family).tokenizer  # the Backbone's
+    assert sum(len(r["entities"]) for r in rows) >= 20
+    for r in rows:
+        assert [e["token_indices"] for e in r["entities"]] == _trainers_alignment(trainer_tokenizer, r), r["text"]
+
+
+def test_stored_token_indices_are_the_trainers_alignment_on_the_shapes_prompts():
+    """The shapes world's prompts with its shipped base model's tokenizer: as the prompts stage loads it, and as
+    the trainer's pipeline does."""
+    base = str(Path(__file__).resolve().parents[1] / "comat_core" / "worlds" / "shapes" / "pretrained" / "base")
+    stage_tokenizer, trainer_tokenizer = load_tokenizer(base), load_sd_pipeline(base, "sd15").tokenizer
+    texts = [line.strip() for f in sorted((DATA_DIR / "shapes").glob("*.txt"))
+             for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert len(texts) > 300
+    for text in texts:
+        record = {"text": text, "entities": entity_records(stage_tokenizer, text, parser="offline")}
+        assert record["entities"], text  # every shapes prompt names coloured shapes
+        assert [e["token_indices"] for e in record["entities"]] == _trainers_alignment(trainer_tokenizer, record), text
 
 
 def test_long_prompts_are_truncated_for_every_model_or_rejected(tmp_path, caplog):

@@ -11,25 +11,25 @@ import json
 
 import pytest
 
-from comat_core.config import build_config
+from comat_core.preflight import build_config
 from comat_core.stages.registry import compute_key
 from comat_core.store.storage import ArtifactStore, sha256_bytes
 
-GOLDEN = {
+GOLDEN = {  # prompts 2 (each entity stores its token positions): every key changed, as inputs' keys chain
     "tiny": {
-        "prompts": "4e7ca2d6806c2405",
-        "gan_gt": "cf7706e303a7a7e9",
-        "masks": "540ed84f0afe5783",
-        "train": "18e6ff3a2f853295",
-        "evaluate": "499b533ba0a61ae5",
+        "prompts": "374cf42d21831e8b",
+        "gan_gt": "6cf862bb18c22344",
+        "masks": "1aa00be75e69f2d5",
+        "train": "ff36eaebf2d1b4fd",
+        "evaluate": "2caafedd30c527e8",
     },
     "tiny-sdxl": {
-        "prompts": "e0643aedc5190f14",
-        "sdxl_prefinetune": "b2dc8971548a50dc",
-        "gan_gt": "5eba03c242eaeecc",
-        "masks": "cb14aa625cae919d",
-        "train": "3bf5b9019300d2d1",
-        "evaluate": "d0665865bd8ce9d5",
+        "prompts": "d3e43451708bc36a",
+        "sdxl_prefinetune": "26465835021fcd82",
+        "gan_gt": "c85cf4b83f67aa5e",
+        "masks": "aabbee4c93467c0f",
+        "train": "4abcae6e80199c0f",
+        "evaluate": "a7c2efac0c4509af",
     },
 }
 

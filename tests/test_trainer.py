@@ -22,15 +22,15 @@ from comat_core.store.checkpoint import (
     unflatten_state,
 )
 from comat_core.config import load_config
-from comat_core.errors import ConfigError
+from comat_core.errors import ConfigError, InputError
 from comat_core.models.lora import add_lora, export_lora, lora_named_parameters
 from comat_core.stages.masks.reader import EntityMask
 from comat_core.models.loader import load_sd_pipeline
+from comat_core.stages.entities import entities_from_records
 from comat_core.store.storage import ArtifactStore
+from comat_core.text import entity_token_indices
+from comat_core.method.data import PromptOrder, TrainingData, TrainingSources
 from comat_core.method.trainer import (
-    PromptOrder,
-    TrainingData,
-    TrainingSources,
     build_training,
     generator_losses,
     step_generators,
@@ -44,17 +44,22 @@ FAST = ["train.num_inference_steps=4", "gan_gt.num_inference_steps=4", "train.gr
 
 
 def _records():
-    """Prompt records as the prompts stage writes them (character spans of nouns and attributes)."""
+    """Prompt records as the prompts stage writes them: character spans of nouns and attributes, and the
+    token positions of each entity's words (tiny CLIP: one token per word after BOS)."""
     return [
         {"prompt_id": "p0", "text": "a red cube and a blue sphere",
-         "entities": [{"noun": "cube", "noun_span": [6, 10], "attribute_spans": [[2, 5]], "phrase_span": [2, 10]},
+         "entities": [{"noun": "cube", "noun_span": [6, 10], "attribute_spans": [[2, 5]], "phrase_span": [2, 10],
+                       "token_indices": [2, 3]},
                       {"noun": "sphere", "noun_span": [22, 28], "attribute_spans": [[17, 21]],
-                       "phrase_span": [17, 28]}]},
+                       "phrase_span": [17, 28], "token_indices": [6, 7]}]},
         {"prompt_id": "p1", "text": "a green bench",
-         "entities": [{"noun": "bench", "noun_span": [8, 13], "attribute_spans": [[2, 7]], "phrase_span": [2, 13]}]},
+         "entities": [{"noun": "bench", "noun_span": [8, 13], "attribute_spans": [[2, 7]], "phrase_span": [2, 13],
+                       "token_indices": [2, 3]}]},
         {"prompt_id": "p2", "text": "a yellow cat on a black car",
-         "entities": [{"noun": "cat", "noun_span": [9, 12], "attribute_spans": [[2, 8]], "phrase_span": [2, 12]},
-                      {"noun": "car", "noun_span": [24, 27], "attribute_spans": [[18, 23]], "phrase_span": [18, 27]}]},
+         "entities": [{"noun": "cat", "noun_span": [9, 12], "attribute_spans": [[2, 8]], "phrase_span": [2, 12],
+                       "token_indices": [2, 3]},
+                      {"noun": "car", "noun_span": [24, 27], "attribute_spans": [[18, 23]], "phrase_span": [18, 27],
+                       "token_indices": [6, 7]}]},
         {"prompt_id": "p3", "text": "two brown dogs", "entities": []},
     ]
 
@@ -96,17 +101,28 @@ def training():
 # Data
 
 
-def test_entity_targets_follow_token_alignment(training):
-    data = TrainingData(_sources(), training.backbone.tokenizer, 8)
+def test_entity_targets_read_the_stored_token_indices(training):
+    for r in _records():  # the stored positions are the alignment of the spans with the trainer's tokenizer
+        stored = [e["token_indices"] for e in r["entities"]]
+        assert stored == entity_token_indices(training.backbone.tokenizer, r["text"], entities_from_records(r["entities"]))
+    data = TrainingData(_sources(), 8)
     inputs = data.inputs([0, 1, 2, 3])
     assert inputs.prompt_ids == ["p0", "p1", "p2", "p3"] and inputs.gt_latents.shape == (4, 4, 8, 8)
-    # tiny CLIP: one token per word after BOS: "a red cube and a blue sphere" -> red 2, cube 3, blue 6, sphere 7
+    # "a red cube and a blue sphere" -> red 2, cube 3, blue 6, sphere 7
     assert [t.token_indices for t in inputs.targets[0]] == [[2, 3], [6, 7]]
     assert [t.token_indices for t in inputs.targets[1]] == [[2, 3]]
     assert [t.token_indices for t in inputs.targets[2]] == [[2, 3]]  # the undetected "black car" is dropped
     assert inputs.targets[3] == []
-    keep = TrainingData(_sources(), training.backbone.tokenizer, 8, drop_undetected=False).inputs([2]).targets[0]
+    keep = TrainingData(_sources(), 8, drop_undetected=False).inputs([2]).targets[0]
     assert [t.token_indices for t in keep] == [[2, 3], [6, 7]] and keep[1].mask.sum() == 0  # reference: zero mask
+
+
+def test_records_without_token_indices_ask_for_the_prompts_stage():
+    records = _records()
+    for entity in records[0]["entities"]:
+        del entity["token_indices"]
+    with pytest.raises(InputError, match="re-run the prompts stage"):
+        TrainingData(_sources(records), 8).inputs([0])
 
 
 def test_prompt_order_is_epoch_wise_permutation():
@@ -125,7 +141,7 @@ def test_prompt_order_is_epoch_wise_permutation():
 @pytest.mark.parametrize("terms", [("concept",), ("token", "pixel"), ("gan_g",)])
 def test_each_loss_term_alone_reaches_every_lora_parameter(training, terms):
     tr = training
-    inputs = TrainingData(_sources(), tr.backbone.tokenizer, 8).inputs([0, 2])
+    inputs = TrainingData(_sources(), 8).inputs([0, 2])
     for p in tr.unet.parameters():
         p.grad = None
     cpu, noise = step_generators(0, 0, 0, tr.device)
@@ -157,7 +173,7 @@ def test_thirty_steps_lower_the_concept_loss_and_move_the_discriminator():
     cfg = load_config("tiny", overrides=FAST + ["train.learning_rate=1e-3", "train.discriminator.learning_rate=1e-3",
                                                 "train.losses.token_weight=0", "train.losses.pixel_weight=0"])
     tr = build_training(cfg)
-    inputs = TrainingData(_sources(), tr.backbone.tokenizer, 8, with_targets=False).inputs([0, 1])
+    inputs = TrainingData(_sources(), 8, with_targets=False).inputs([0, 1])
     logs = [train_step(tr, [inputs], seed=1234) for _ in range(30)]  # the same noise every step
     concept = [row["concept_loss"] for row in logs]
     d_loss = [row["d_loss"] for row in logs]
@@ -295,7 +311,7 @@ def test_sdxl_train_step_with_gradient_accumulation():
     tr = build_training(cfg)
     assert tr.backbone.family == "sdxl" and len(tr.attention.layer_names) == 6
     assert tr.cfg.train.losses.gan_weight == 0.5
-    data = TrainingData(_sources(), tr.backbone.tokenizer, 8)
+    data = TrainingData(_sources(), 8)
     micro = [data.inputs([0, 2]), data.inputs([1, 3])]
     before = {n: p.detach().clone() for n, p in lora_named_parameters(tr.unet).items()}
     logs = train_step(tr, micro, seed=0)

@@ -1,5 +1,10 @@
 """The CoMat training loop (docs/method.md §2): one flat loop around one ``train_step`` function.
 
+It reads like a diffusers training script, top to bottom: build (accelerator, frozen models, LoRAs,
+losses, optimisers), one step, validation and export, the loop. Around it: the training data
+(``data.py``), the run's state and its checkpoints (``state.py``, files in ``store/full_state.py``),
+data parallelism (``distributed.py``) and what a run reports (``reporting.py``).
+
 Per optimisation step, for each micro-batch (gradient accumulation):
 
 1. encode the batch's prompts once (frozen text encoders; the empty prompt is cached),
@@ -13,11 +18,9 @@ then average the LoRA gradients over processes, clip (0.1), AdamW step, LR-sched
 one discriminator step: BCE on ``[D(z.detach()) -> 0, D(z_gt) -> 1]``, its own AdamW (betas
 (0, 0.999)) and clip (1.0).
 
-Distributed data parallel runs under ``accelerate launch``: the models are not wrapped in DDP
-(the UNet is called dozens of times per step, which DDP's once-per-forward gradient hooks do not
-handle), the LoRA gradients are averaged explicitly after the backward passes instead. accelerate
-provides the process group, the device, autocast for the mixed precision (bf16 where the GPU
-supports it, fp16 otherwise, fp32 on CPU), the trackers and the collectives. fp16 uses one
+Distributed data parallel runs under ``accelerate launch``, without DDP (``distributed.py``).
+accelerate provides the process group, the device, autocast for the mixed precision (bf16 where the
+GPU supports it, fp16 otherwise, fp32 on CPU), the trackers and the collectives. fp16 uses one
 ``GradScaler`` per optimiser.
 
 Randomness: every draw of a step (initial noise, gradient/attention steps, variance noise, Mixed
@@ -34,7 +37,7 @@ logged values stay on the device until one read at its end (``_host_values``), s
 waits for the GPU inside a step.
 
 Artifacts (through the stage writer): ``checkpoints/step-NNNNNN/`` (full state, see
-``store/checkpoint.py``), ``samples/step-NNNNNN.png`` (validation grids, each committed as its own shard),
+``store/full_state.py``), ``samples/step-NNNNNN.png`` (validation grids, each committed as its own shard),
 and at the end ``lora/`` (diffusers-loadable) and ``metrics.parquet`` (one row per step).
 """
 
@@ -43,222 +46,40 @@ from __future__ import annotations
 import json
 import logging
 import math
-import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from comat_core.models.backbones import Backbone
-from comat_core.store.checkpoint import (
-    checkpoint_ref,
-    committed_checkpoints,
-    flatten_state,
-    load_latest_checkpoint,
-    prune_checkpoints,
-    restore_rng_state,
-    rng_state,
-    save_checkpoint,
-    unflatten_state,
-)
 from comat_core.config import ComatConfig
-from comat_core.progress import timing_text
-from comat_core.errors import ConfigError, InputError
-from comat_core.method.losses.attribute import EntityTarget, attribute_concentration_loss
+from comat_core.errors import ConfigError
+from comat_core.method.data import PromptOrder, StepInputs, TrainingData, TrainingSources
+from comat_core.method.distributed import average_gradients, mean_over_processes
+from comat_core.method.losses.attribute import attribute_concentration_loss
 from comat_core.method.losses.fidelity import discriminator_gan_loss, generator_gan_loss
-from comat_core.models.lora import add_lora, export_lora, load_lora_state_dict, lora_state_dict
+from comat_core.method.reporting import (STEP_TIMING, flat_config, log_validation_image, numeric, peak_memory_mb,
+                                         reset_peak_memory, step_line, trackers)
 from comat_core.method.sampler import DifferentiableSampler
+from comat_core.method.state import SAMPLES_SHARD_PREFIX, LoopState, Training, resume, save_training_checkpoint
+from comat_core.models.backbones import Backbone
 from comat_core.models.generation import SeededNoise
+from comat_core.models.lora import add_lora, export_lora
+from comat_core.progress import timing_text
 from comat_core.runtime import DTYPES, mixed_precision, resolve_device
+from comat_core.store.checkpoint import checkpoint_ref, committed_checkpoints
 from comat_core.store.storage import StageWriter
 
 log = logging.getLogger("comat.train")
-STEP_TIMING = "elapsed {elapsed}, ETA {remaining}, {rate_fmt}"
 
 ProgressFn = Callable[[int, int, str], None]
-SAMPLES_SHARD_PREFIX = "samples-step-"
 LOSS_TERMS = ("concept", "token", "pixel", "gan_g")
 
 
 # ----------------------------------------------------------------------------------------------
-# Data
-
-
-@dataclass
-class TrainingSources:
-    """What the train stage reads: prompt records that have ground-truth latents, and the readers.
-
-    Built in one place (``stages/train/inputs.training_sources``, from ``train.noise`` and
-    ``train.masks``); the trainer reads only which readers are there. Every reader takes prompt ids
-    and, per id, a gan_gt sample index (``gan_gt.samples_per_prompt``): ``gt_latents(prompt_ids,
-    samples) -> Tensor[N, 4, h, w]``; ``seeds(prompt_ids, samples)``: the gan_gt seed of each sample,
-    whose noise every sample replays (None: fresh noise at every step); ``entity_masks(prompt_ids,
-    resolution, samples) -> list[list[EntityMask]]`` (offline masks, or None); ``samples(prompt_id)``:
-    the sample indices stored for a prompt. ``segment(images, records, resolution)`` segments online
-    images into, per image, its ``EntityMask`` list at ``resolution`` (online masks, or None).
-    """
-
-    prompts: list[dict]
-    gt_latents: Callable[..., torch.Tensor]
-    entity_masks: Callable[..., list[list[Any]]] | None = None
-    seeds: Callable[[list[str], list[int]], list[int]] | None = None
-    samples: Callable[[str], list[int]] | None = None
-    segment: Callable[[torch.Tensor, list[dict], int], list[list[Any]]] | None = None
-
-
-@dataclass
-class StepInputs:
-    """One micro-batch: prompts, the gan_gt samples they replay, ground-truth latents, attribute targets."""
-
-    prompt_ids: list[str]
-    texts: list[str]
-    gt_latents: torch.Tensor
-    targets: list[list[EntityTarget]] | None = None
-    samples: list[int] = field(default_factory=list)  # gan_gt sample index of each prompt
-    seeds: list[int] | None = None  # gan_gt seed of each sample: its noise, replayed (None: fresh noise)
-    records: list[dict] = field(default_factory=list)
-    online_targets: Callable[[torch.Tensor], list[list[EntityTarget]]] | None = None  # online masks: image -> targets
-
-
-class PromptOrder:
-    """The data order: epoch e visits the prompts in the permutation seeded by (seed, e).
-
-    ``take(position, count)`` gives the prompt indices at stream positions ``position .. +count``
-    (crossing epochs as needed): a pure function, so resuming at a position needs no other state.
-    """
-
-    def __init__(self, n_prompts: int, seed: int):
-        if n_prompts < 1:
-            raise InputError("no training prompts have ground-truth latents; run the gan_gt stage on the prompts")
-        self.n, self.seed = n_prompts, seed
-        self._cache: tuple[int, list[int]] | None = None
-
-    def permutation(self, epoch: int) -> list[int]:
-        if self._cache is None or self._cache[0] != epoch:
-            seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed)).tolist()
-            self._cache = (epoch, perm)
-        return self._cache[1]
-
-    def take(self, position: int, count: int) -> list[int]:
-        return [self.permutation(p // self.n)[p % self.n] for p in range(position, position + count)]
-
-    def epochs(self, position: int, count: int) -> list[int]:
-        """The epoch of each stream position ``position .. +count``."""
-        return [p // self.n for p in range(position, position + count)]
-
-
-class TrainingData:
-    """Turns prompt indices into ``StepInputs``: texts, ground-truth latents, entity targets.
-
-    Entity targets: for each entity with a mask (``EntityMask.entity_index`` into the prompt's
-    ``entities``), the text-encoder token positions of its noun and attribute spans
-    (``align_spans_to_tokens``) and its mask at ``mask_resolution``. Undetected entities are
-    dropped (**Decision**) or, with ``drop_undetected=False``, supervised with an all-zero mask
-    (the reference).
-    """
-
-    def __init__(self, sources: TrainingSources, tokenizer, mask_resolution: int, drop_undetected: bool = True,
-                 with_targets: bool = True, seed: int = 0):
-        self.sources = sources
-        self.records = sources.prompts
-        self.tokenizer = tokenizer
-        self.mask_resolution = mask_resolution
-        self.drop_undetected = drop_undetected
-        self.online = with_targets and sources.segment is not None
-        self.with_targets = with_targets and sources.entity_masks is not None and not self.online
-        self.seed = seed
-        self._tokens: dict[tuple[str, int], list[int]] = {}
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def visit_sample(self, index: int, epoch: int) -> int:
-        """The gan_gt sample a visit of prompt ``index`` in ``epoch`` uses: the prompt's samples in turn, from a
-        per-prompt offset, so every sample is used once per N epochs and one epoch mixes them across prompts."""
-        samples = self.sources.samples(str(self.records[index]["prompt_id"])) if self.sources.samples else [0]
-        offset = int(np.random.SeedSequence([self.seed, index]).generate_state(1)[0])
-        return samples[(epoch + offset) % len(samples)]
-
-    def inputs(self, indices: list[int], epochs: list[int] | None = None) -> StepInputs:
-        records = [self.records[i] for i in indices]
-        ids = [str(r["prompt_id"]) for r in records]
-        samples = [self.visit_sample(i, e) for i, e in zip(indices, epochs or [0] * len(indices))]
-        latents = self.sources.gt_latents(ids, samples)
-        seeds = self.sources.seeds(ids, samples) if self.sources.seeds is not None else None
-        targets = None
-        if self.with_targets:
-            masks = self.sources.entity_masks(ids, self.mask_resolution, samples)
-            targets = [self._targets(r, m) for r, m in zip(records, masks)]
-        online = (lambda images: self.online_targets(images, records)) if self.online else None
-        return StepInputs(ids, [str(r["text"]) for r in records], latents, targets, samples, seeds, records, online)
-
-    def online_targets(self, images: torch.Tensor, records: list[dict]) -> list[list[EntityTarget]]:
-        """Attribute targets from segmenting ``images`` (the online images, detached) with ``sources.segment``."""
-        masks = self.sources.segment(images.detach(), records, self.mask_resolution)
-        return [self._targets(record, m) for record, m in zip(records, masks)]
-
-    def _targets(self, record: dict, masks: list[Any]) -> list[EntityTarget]:
-        out = []
-        for m in masks:
-            if not m.detected or m.mask is None:
-                if self.drop_undetected:
-                    continue
-                mask = torch.zeros(self.mask_resolution, self.mask_resolution)
-            else:
-                mask = m.mask.float()
-            tokens = self._token_indices(record, m.entity_index)
-            if tokens:
-                out.append(EntityTarget(tokens, mask))
-        return out
-
-    def _token_indices(self, record: dict, entity_index: int) -> list[int]:
-        from comat_core.stages.entities import align_spans_to_tokens
-
-        key = (str(record["prompt_id"]), entity_index)
-        if key not in self._tokens:
-            entity = record["entities"][entity_index]
-            spans = [tuple(entity["noun_span"])] + [tuple(s) for s in entity["attribute_spans"]]
-            per_span = align_spans_to_tokens(self.tokenizer, record["text"], spans)
-            self._tokens[key] = sorted({i for span in per_span for i in span})
-        return self._tokens[key]
-
-
-# ----------------------------------------------------------------------------------------------
 # Models and optimisers
-
-
-@dataclass
-class Training:
-    """Everything one training run holds: models, losses, optimisers, schedulers, scalers."""
-
-    cfg: ComatConfig
-    accelerator: Any
-    backbone: Backbone
-    sampler: DifferentiableSampler
-    concept: Any | None
-    attention: Any | None
-    discriminator: Any | None
-    g_params: list[torch.nn.Parameter]
-    d_params: list[torch.nn.Parameter]
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer | None
-    sched_g: Any
-    sched_d: Any | None
-    scaler_g: torch.amp.GradScaler
-    scaler_d: torch.amp.GradScaler
-
-    @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
-
-    @property
-    def unet(self) -> torch.nn.Module:
-        return self.backbone.unet
 
 
 def make_accelerator(cfg: ComatConfig, project_dir: str | Path | None = None):
@@ -266,26 +87,8 @@ def make_accelerator(cfg: ComatConfig, project_dir: str | Path | None = None):
     from accelerate import Accelerator
 
     device = resolve_device(cfg)
-    return Accelerator(mixed_precision=mixed_precision(cfg, device), cpu=device.type == "cpu", log_with=_trackers(cfg) or None,
+    return Accelerator(mixed_precision=mixed_precision(cfg, device), cpu=device.type == "cpu", log_with=trackers(cfg) or None,
                        project_dir=str(project_dir) if project_dir else None)
-
-
-def _trackers(cfg: ComatConfig) -> list[str]:
-    """TensorBoard when configured and installed (else a warning); W&B when configured (must be installed)."""
-    import importlib.util
-
-    out = []
-    for name in cfg.train.trackers:
-        if name == "tensorboard":
-            if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-                out.append(name)
-            else:
-                log.warning("train.trackers has tensorboard but it is not installed (pip install tensorboard); skipped")
-        elif name == "wandb":
-            if not importlib.util.find_spec("wandb"):
-                raise ConfigError("train.trackers has wandb but it is not installed: pip install wandb, or remove it")
-            out.append(name)
-    return out
 
 
 def build_training(cfg: ComatConfig, accelerator=None, unet_override: str | None = None) -> Training:
@@ -418,31 +221,10 @@ def _weights(tr: Training) -> dict[str, float]:
     return {"concept": lc.concept_weight, "token": lc.token_weight, "pixel": lc.pixel_weight, "gan_g": lc.gan_weight}
 
 
-def _average_gradients(accelerator, params: list[torch.nn.Parameter], bucket_elements: int = 2**24) -> None:
-    """Mean of the gradients over processes, in flat buckets of about ``bucket_elements`` (no-op with one process)."""
-    if accelerator.num_processes == 1:
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    buckets: list[list[torch.Tensor]] = [[]]
-    size = 0
-    for p in params:
-        if buckets[-1] and size + p.numel() > bucket_elements:
-            buckets.append([])
-            size = 0
-        buckets[-1].append(p.grad)
-        size += p.numel()
-    for bucket in buckets:
-        flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in bucket]), reduction="mean")
-        for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
-            g.copy_(part.view_as(g))
-
-
 def _optimizer_step(tr: Training, params, optimizer, scaler, clip: float) -> torch.Tensor | float:
     """Average over processes, unscale (fp16), clip, step; returns the gradient norm before clipping
     (a device tensor: read it with the step's other logs, see ``_host_values``)."""
-    _average_gradients(tr.accelerator, params)
+    average_gradients(tr.accelerator, params)
     if all(p.grad is None for p in params):  # nothing was learned from this step
         return 0.0
     scaler.unscale_(optimizer)
@@ -491,17 +273,7 @@ def train_step(tr: Training, micro_batches: list[StepInputs], seed: int) -> dict
     logs["grad_norm_g"] = _optimizer_step(tr, tr.g_params, tr.opt_g, tr.scaler_g, tc.grad_clip)
     tr.sched_g.step()
     logs.update(discriminator_step(tr, micro_batches, fakes))
-    return _mean_over_processes(tr.accelerator, _host_values(logs))
-
-
-def _mean_over_processes(accelerator, logs: dict[str, float]) -> dict[str, float]:
-    """Loss and gradient values averaged over the data-parallel processes (what one global step saw)."""
-    if accelerator.num_processes == 1:
-        return logs
-    keys = sorted(logs)
-    values = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=accelerator.device)
-    values = accelerator.reduce(values, reduction="mean")
-    return dict(zip(keys, values.tolist()))
+    return mean_over_processes(tr.accelerator, _host_values(logs))
 
 
 def discriminator_step(tr: Training, micro_batches: list[StepInputs], fakes: list[torch.Tensor]) -> dict[str, Any]:
@@ -534,79 +306,6 @@ def discriminator_step(tr: Training, micro_batches: list[StepInputs], fakes: lis
 
 
 # ----------------------------------------------------------------------------------------------
-# Full state
-
-
-def training_state(tr: Training) -> dict[str, Any]:
-    """Optimisers, schedulers, scalers and RNG states (the LoRA weights are saved separately)."""
-    state = {"optimizer_g": tr.opt_g.state_dict(), "lr_scheduler_g": tr.sched_g.state_dict(),
-             "grad_scaler_g": tr.scaler_g.state_dict(), "rng": rng_state()}
-    if tr.discriminator is not None:
-        state.update(optimizer_d=tr.opt_d.state_dict(), lr_scheduler_d=tr.sched_d.state_dict(),
-                     grad_scaler_d=tr.scaler_d.state_dict())
-    return state
-
-
-def load_training_state(tr: Training, state: dict[str, Any]) -> None:
-    tr.opt_g.load_state_dict(state["optimizer_g"])
-    tr.sched_g.load_state_dict(state["lr_scheduler_g"])
-    if state["grad_scaler_g"]:
-        tr.scaler_g.load_state_dict(state["grad_scaler_g"])
-    if tr.discriminator is not None:
-        tr.opt_d.load_state_dict(state["optimizer_d"])
-        tr.sched_d.load_state_dict(state["lr_scheduler_d"])
-        if state["grad_scaler_d"]:
-            tr.scaler_d.load_state_dict(state["grad_scaler_d"])
-    restore_rng_state(state["rng"])
-
-
-@dataclass
-class LoopState:
-    step: int = 0  # optimisation steps done
-    position: int = 0  # prompts consumed from the data order (all processes, all micro-batches)
-    metrics: list[dict] = field(default_factory=list)
-    resumed_from: int | None = None
-
-
-def save_training_checkpoint(tr: Training, writer: StageWriter, loop: LoopState, global_batch: int) -> None:
-    tensors, skeleton = flatten_state(training_state(tr))
-    files = {"generator_lora.safetensors": lora_state_dict(tr.unet), "state.safetensors": tensors}
-    if tr.discriminator is not None:
-        files["discriminator.safetensors"] = tr.discriminator.checkpoint_state()
-    meta = {"step": loop.step, "data_seed": tr.cfg.train.seed, "data_position": loop.position,
-            "global_batch": global_batch, "state": skeleton, "metrics": loop.metrics}
-    save_checkpoint(writer, loop.step, files, {"state.json": meta})
-    prune_checkpoints(writer, tr.cfg.train.keep_last)
-
-
-def resume(tr: Training, writer: StageWriter, loop: LoopState, cleanup: bool = True) -> bool:
-    """Load the latest complete checkpoint into ``tr`` and ``loop``; False when there is none."""
-    from safetensors.torch import load
-
-    found = load_latest_checkpoint(writer, cleanup=cleanup)
-    if found is None:
-        return False
-    ref, files = found
-    load_lora_state_dict(tr.unet, load(files["generator_lora.safetensors"]))
-    if tr.discriminator is not None:
-        tr.discriminator.load_checkpoint_state(load(files["discriminator.safetensors"]))
-    meta = json.loads(files["state.json"])
-    load_training_state(tr, unflatten_state(meta["state"], load(files["state.safetensors"])))
-    loop.step, loop.position, loop.metrics = meta["step"], meta["data_position"], meta["metrics"]
-    loop.resumed_from = loop.step
-    _register_samples(writer, loop.step)
-    log.info("train: resumed from step %d (checkpoint %s)", loop.step, ref.folder)
-    return True
-
-
-def _register_samples(writer: StageWriter, upto: int) -> None:
-    """Validation images committed before a restart are listed in the stage manifest again."""
-    for name in writer.committed_shards():
-        if name.startswith(SAMPLES_SHARD_PREFIX) and int(name[len(SAMPLES_SHARD_PREFIX):]) <= upto:
-            writer.shard_done(name, verify=True)
-
-
-# ----------------------------------------------------------------------------------------------
 # Validation images, export
 
 
@@ -636,19 +335,6 @@ def write_validation(tr: Training, writer: StageWriter, step: int) -> str | None
     return rel
 
 
-def log_validation_image(accelerator, image, step: int) -> None:
-    """The validation grid into the active trackers that show images (TensorBoard's Images tab, W&B),
-    at the step it was drawn; nothing when no tracker is active (the tracking extra is optional)."""
-    import numpy as np
-
-    for tracker in getattr(accelerator, "trackers", None) or []:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image("validation", np.asarray(image.convert("RGB")), step, dataformats="HWC")
-            tracker.writer.flush()
-        elif tracker.name == "wandb":
-            tracker.log_images({"validation": [image]}, step=step)
-
-
 def export(tr: Training, writer: StageWriter, scratch: Path, loop: LoopState) -> list[str]:
     """``lora/`` (diffusers-loadable, plus ``comat.json`` describing it) and ``metrics.parquet``."""
     out = Path(scratch) / "lora"
@@ -667,21 +353,6 @@ def export(tr: Training, writer: StageWriter, scratch: Path, loop: LoopState) ->
 # The loop
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def _reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _numeric(row: dict) -> dict[str, float]:
-    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))}
-
-
 def train(cfg: ComatConfig, sources: TrainingSources, writer: StageWriter, scratch: Path, *,
           progress: ProgressFn | None = None, hooks: dict | None = None, unet_override: str | None = None) -> dict:
     """Train (or resume) until ``train.max_steps``; export; return the stage summary.
@@ -696,15 +367,15 @@ def train(cfg: ComatConfig, sources: TrainingSources, writer: StageWriter, scrat
     tc = cfg.train
     accelerator = make_accelerator(cfg, Path(scratch) / "logs")
     tr = build_training(cfg, accelerator, unet_override)
-    data = TrainingData(sources, tr.backbone.tokenizer, tr.backbone.latent_shape()[-1],
-                        tc.losses.drop_undetected_nouns, with_targets=tr.attention is not None, seed=tc.seed)
+    data = TrainingData(sources, tr.backbone.latent_shape()[-1], tc.losses.drop_undetected_nouns,
+                        with_targets=tr.attention is not None, seed=tc.seed)
     order = PromptOrder(len(data), tc.seed)
     processes, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     global_batch = tc.batch_size * processes * tc.gradient_accumulation_steps
     loop = LoopState()
     resume(tr, writer, loop, cleanup=main)
     if main:
-        accelerator.init_trackers("comat", config=_flat_config(cfg))
+        accelerator.init_trackers("comat", config=flat_config(cfg))
         if loop.step == 0:
             write_validation(tr, writer, 0)
     first_step, t_loop = loop.step, time.time()  # the rate (hence the ETA) counts this run's steps only
@@ -717,18 +388,18 @@ def train(cfg: ComatConfig, sources: TrainingSources, writer: StageWriter, scrat
         for m in range(tc.gradient_accumulation_steps):
             offset = (m * processes + rank) * tc.batch_size
             micro.append(data.inputs(positions[offset: offset + tc.batch_size], epochs[offset: offset + tc.batch_size]))
-        _reset_peak_memory(tr.device)
+        reset_peak_memory(tr.device)
         t0 = time.perf_counter()
         logs = train_step(tr, micro, step_seed(tc.seed, step))
         loop.step += 1
         loop.position += global_batch
-        logs.update(step=loop.step, step_seconds=time.perf_counter() - t0, peak_memory_mb=_peak_memory_mb(tr.device),
+        logs.update(step=loop.step, step_seconds=time.perf_counter() - t0, peak_memory_mb=peak_memory_mb(tr.device),
                     epoch=epoch, data_position=loop.position,
                     prompt_ids=",".join(str(data.records[i]["prompt_id"]) for i in positions),
                     gt_samples=",".join(str(data.visit_sample(i, e)) for i, e in zip(positions, epochs)))
         loop.metrics.append(logs)
         if main and (loop.step % tc.log_every == 0 or loop.step == tc.max_steps):
-            accelerator.log(_numeric(logs), step=loop.step)
+            accelerator.log(numeric(logs), step=loop.step)
             rate = (loop.step - first_step) / max(time.time() - t_loop, 1e-9)
             log.info("step %d/%d: %s | %s", loop.step, tc.max_steps, step_line(logs),
                      timing_text(loop.step, tc.max_steps, time.time() - t_start, rate, "step", STEP_TIMING))
@@ -758,7 +429,7 @@ def train(cfg: ComatConfig, sources: TrainingSources, writer: StageWriter, scrat
         "global_batch": global_batch,
         "trainable_parameters": sum(p.numel() for p in tr.g_params),
         "discriminator_parameters": sum(p.numel() for p in tr.d_params),
-        "final": {k: v for k, v in _numeric(last).items() if k.endswith("loss")},
+        "final": {k: v for k, v in numeric(last).items() if k.endswith("loss")},
         "checkpoints": [r.step for r in committed_checkpoints(writer)],
         "lora": "lora/",
         "files": len(files),
@@ -766,34 +437,3 @@ def train(cfg: ComatConfig, sources: TrainingSources, writer: StageWriter, scrat
     }
 
 
-def step_line(logs: dict) -> str:
-    """One readable line of a step's logs: total and per-term losses, grad norms, D logits, seconds."""
-    def num(key: str, fmt: str = ".4g") -> str:
-        v = logs.get(key)
-        return format(v, fmt) if isinstance(v, (int, float)) and not math.isnan(v) else "-"
-
-    terms = [k for k in logs if k.endswith("_loss") and k not in ("loss", "d_loss")]
-    parts = [f"loss {num('loss')}" + (f" ({', '.join(f'{k[:-5]} {num(k)}' for k in terms)})" if terms else "")]
-    parts.append(f"grad {num('grad_norm_g', '.3g')}")
-    if "d_loss" in logs:
-        parts.append(f"D loss {num('d_loss')} real {num('d_real_logit', '.3g')} fake {num('d_fake_logit', '.3g')}")
-    parts.append(f"{num('step_seconds', '.2f')} s")
-    return " | ".join(parts)
-
-
-def _flat_config(cfg: ComatConfig) -> dict:
-    """Tracker hyper-parameters: the train section flattened to scalars."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else k, v)
-        elif isinstance(value, (int, float, str, bool)):
-            flat[prefix] = value
-        else:
-            flat[prefix] = json.dumps(value)
-
-    walk("train", cfg.train.model_dump(mode="json"))
-    flat["models.pretrained"] = cfg.models.pretrained
-    return flat

@@ -2,8 +2,9 @@
 
 Output: ``prompts.parquet`` with one row per unique training prompt: a stable ``prompt_id`` (a hash
 of the normalised text, so ids do not depend on file order), ``text``, ``source`` (the first file it
-came from), ``n_tokens`` and ``entities`` (each noun with the character spans of its attribute words;
-docs/method.md §4). The manifest summary reports the counts: lines read, unique, dropped as evaluation
+came from), ``n_tokens`` and ``entities`` (each noun with the character spans of its attribute words,
+docs/method.md §4, and ``token_indices``: the positions of its noun and attribute words in the text
+encoder's input, for ``models.pretrained``'s tokenizer, which the trainer's attribute loss indexes). The manifest summary reports the counts: lines read, unique, dropped as evaluation
 overlap, long prompts.
 
 Sources are fsspec URLs or globs (one prompt per line, UTF-8) or ``builtin:NAME`` for files shipped in
@@ -24,7 +25,7 @@ from pathlib import Path
 import fsspec
 
 from comat_core.config import PromptsConfig
-from comat_core.stages.entities import entities_to_records, extract_entities
+from comat_core.stages.entities import entity_records
 from comat_core.errors import InputError
 
 log = logging.getLogger("comat.prompts")
@@ -271,7 +272,7 @@ def run(ctx) -> dict:
     rows = []
     with_entities = 0
     for i, (p, n) in enumerate(zip(prompts, lengths)):
-        entities = entities_to_records(extract_entities(p.text, parser=pcfg.parser))
+        entities = entity_records(tokenizer, p.text, parser=pcfg.parser)
         with_entities += bool(entities)
         rows.append({"prompt_id": prompt_id(p.text), "text": p.text, "source": p.source, "n_tokens": n,
                      "entities": entities})
@@ -291,6 +292,7 @@ def _table(rows: list[dict]):
         ("noun_span", pa.list_(pa.int32())),
         ("attribute_spans", pa.list_(pa.list_(pa.int32()))),
         ("phrase_span", pa.list_(pa.int32())),
+        ("token_indices", pa.list_(pa.int32())),
     ])
     schema = pa.schema([
         ("prompt_id", pa.string()), ("text", pa.string()), ("source", pa.string()),

@@ -64,7 +64,8 @@ STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
         Stage("world", (), "1", "comat_core.stages.world:run", records=("world.json",)),  # its build timings
-        Stage("prompts", (), "1", "comat_core.stages.prompts:run", models=("family", "pretrained")),
+        # prompts 2: each entity also stores its token positions for models.pretrained's tokenizer
+        Stage("prompts", (), "2", "comat_core.stages.prompts:run", models=("family", "pretrained")),
         Stage("sdxl_prefinetune", ("prompts",), "1", "comat_core.stages.prefinetune:run",
               models=("family", "pretrained", "vae"), runtime=("mixed_precision", "seed"), gpu=True, sharded=True),
         # gan_gt 3: drawn by the trainer's sampler in the training precision (was a diffusers pipeline)

@@ -268,7 +268,7 @@ class ArtifactStore:
         rename copies every file: the old manifest goes first (from then on the stage reads as incomplete,
         never as the old manifest over new files), then the old files, then the new files are copied
         server-side with the manifest last, and ``staged`` is removed. A crash in between leaves
-        ``staged`` complete; the next run finishes the promotion (``comat_core.stages.registry``)."""
+        ``staged`` complete; the next run finishes the promotion (the stage registry's ``run_stage``)."""
         self.remove_file(f"{path}/{MANIFEST}")
         self.remove_tree(path)
         found = self._remote("list", staged, self.fs.find, staged)

@@ -8,7 +8,8 @@ entry point, so the launcher never imports the stage back.
 from __future__ import annotations
 
 from comat_core.errors import InputError
-from comat_core.method.trainer import TrainingSources, train
+from comat_core.method.data import TrainingSources
+from comat_core.method.trainer import train
 from comat_core.stages.prefinetune import prefinetuned_unet
 from comat_core.stages.prompts import read_prompts
 from comat_core.stages.registry import StageContext
