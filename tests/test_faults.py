@@ -267,6 +267,52 @@ def test_a_forced_run_killed_while_swapping_on_s3_is_finished_by_the_next_run(se
     assert store.listdir(store.path("prompts")) == [key]
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_forced_fan_out_writes_beside_the_old_output_and_swaps_only_when_committed(services, tmp_path,
+                                                                                     monkeypatch, where):
+    """``--force`` with ``parallelism`` > 1: every run of the fan-out (parts, then the commit) writes into one
+    staging folder (``run_stage(staged=...)``). While the parts run, and after one fails, the old output is
+    complete and readable and a plain run is a cache hit of it; the commit swaps the new output in."""
+    from comat_core.config import load_config
+    from comat_core.stages.registry import compute_key, run_stage, staging_folder
+    from comat_core.store.shards import ShardPart
+    from comat_core.store.storage import ArtifactStore
+
+    if where == "s3":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", services["COMAT_TEST_S3_ENDPOINT"])
+    root = str(tmp_path / "store") if where == "local" else s3_root(services, "fanout-force")
+    cfg = load_config("tiny", overrides=FAST, extra={"storage": {"root": root}})
+    store = ArtifactStore(root)
+    for stage in ("prompts", "gan_gt"):
+        run_stage(cfg, store, stage)
+    key = compute_key(cfg, store, "gan_gt")
+    old = store.read_manifest("gan_gt", key)
+    staged = staging_folder(key)
+
+    def old_output_intact():
+        assert store.read_manifest("gan_gt", key) == old
+        store.reader("gan_gt", key).verify()
+
+    first = run_stage(cfg, store, "gan_gt", shard_part=ShardPart(0, 2), staged=staged)
+    assert first.partial and first.manifest["summary"]["shards_generated"] == 1
+    old_output_intact()
+    with pytest.raises(RuntimeError, match="fail_at_shard=1"):  # the second part fails (a kill leaves the same)
+        run_stage(cfg, store, "gan_gt", shard_part=ShardPart(1, 2), staged=staged, hooks={"fail_at_shard": 1})
+    old_output_intact()
+    assert run_stage(cfg, store, "gan_gt").cached  # a plain rerun uses the old output, never the staged shards
+    assert store.listdir(store.path("gan_gt")) == sorted([key, staged])  # the part's shard is kept for its retry
+    with pytest.raises(Exception, match="staging folder"):
+        run_stage(cfg, store, "gan_gt", staged=".0123456789abcdef.staged-0000abcd")  # another key's folder
+    run_stage(cfg, store, "gan_gt", shard_part=ShardPart(1, 2), staged=staged)  # the retry
+    old_output_intact()
+    final = run_stage(cfg, store, "gan_gt", staged=staged)  # the commit: verifies the shards, promotes
+    assert not final.cached and not final.partial and final.manifest["summary"]["shards_generated"] == 0
+    new = store.read_manifest("gan_gt", key)
+    assert new["finished_at"] != old["finished_at"] and new["files"] == old["files"]  # the same bytes, recomputed
+    store.reader("gan_gt", key).verify()
+    assert store.listdir(store.path("gan_gt")) == [key]  # the staging folder became the output
+
+
 # ---------------------------------------------------------------- leftovers and the debug log
 
 def test_leftovers_of_a_killed_run_are_removed_by_the_next_and_each_run_has_its_own_log(tmp_path, monkeypatch):
