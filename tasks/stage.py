@@ -265,6 +265,10 @@ def run_stage_task(stage: str, cfg: ComatConfig, force: bool = False, part: list
         task = STAGE_TASKS[stage].with_options(tags=[t for t in STAGE_TASKS[stage].tags if t != "gpu"] + ["cached"])
     else:
         task = persisting(STAGE_TASKS[stage], cfg)
+        if "gpu" in task.tags:  # a slot a killed run on this host still holds is freed now, not in a minute
+            from tasks.slots import free_dead_slots
+
+            free_dead_slots("gpu")
     parameters = {"stage": stage, "config": config_payload(cfg), "force": force}
     if part is not None:
         parameters["part"] = list(part)

@@ -93,6 +93,54 @@ def test_a_rerun_after_kill_9_takes_the_dead_runs_lease_and_computes_within_seco
     assert computing - flow_start < 10 and computing - t0 < 30, f"{computing - flow_start:.1f} s, {computing - t0:.1f} s"
 
 
+@pytest.fixture
+def one_gpu_slot(services):
+    """The ``gpu`` tag limit ``comat deploy --local`` creates, at 1 slot; removed afterwards (shared server)."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from flows.deploy import GPU_TAG
+
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=1)
+    yield GPU_TAG
+    with get_client(sync_client=True) as client:
+        try:
+            client.delete_concurrency_limit_by_tag(GPU_TAG)
+        except ObjectNotFound:
+            pass
+
+
+def test_a_rerun_after_kill_9_gets_the_dead_runs_gpu_slot_at_once(services, tmp_path, one_gpu_slot):
+    """With a ``gpu`` limit of 1, the killed run's task still holds the slot in Prefect: Prefect frees it
+    when the slot's lease expires (60 s after the last renewal, then up to 15 s until its repossessor
+    looks), and the rerun's GPU stage queued that long. The rerun frees the slot of a run whose process
+    on this host is gone before it submits its GPU stage, and starts computing within 10 s."""
+    first, seen = comat_run(str(tmp_path / "store")), []
+    try:
+        wait_for_line(first, "gan_gt: computing", seen)
+        time.sleep(1.0)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    t0, rerun, seen = time.time(), comat_run(str(tmp_path / "store")), []
+    try:
+        computing = wait_for_line(rerun, "gan_gt: computing", seen, timeout=300)
+        seen.append((time.time(), rerun.communicate(timeout=300)[0]))
+        assert rerun.returncode == 0, text(seen)[-3000:]
+    finally:
+        if rerun.poll() is None:
+            rerun.kill()
+    out = text(seen)
+    flow_start = next(t for t, line in seen if "Beginning flow run" in line)
+    print(f"\ngpu limit 1: the rerun started computing gan_gt {computing - t0:.1f} s after it was started "
+          f"({computing - flow_start:.1f} s after its flow run began)")
+    assert f"held by pid {first.pid} on this host, a process that is gone" in out, out[-3000:]
+    assert computing - flow_start < 10, f"{computing - flow_start:.1f} s"
+
+
 # ---------------------------------------------------------------- a store that stops answering
 
 class StallProxy:
