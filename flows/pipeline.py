@@ -164,6 +164,7 @@ def comat(config: ConfigRequest | None = None, stages: list[StageName] | None = 
     must be in storage). ``force``: recompute these. ``dispatch``/``parallelism``: see the module."""
     forward_to_runs()
     try:
+        scrub_submitted_credentials(config)
         if parallelism < 1:
             raise ConfigError(f"parallelism must be at least 1, not {parallelism}")
         if parallelism > 1 and dispatch != "deployments":
@@ -198,6 +199,32 @@ def comat(config: ConfigRequest | None = None, stages: list[StageName] | None = 
         raise
     publish_run_summary(cfg, results, started)
     return results
+
+
+def scrub_submitted_credentials(config) -> None:
+    """A credential in the submitted ``config`` (storage options in ``values`` or an override) is already in
+    Prefect's database as this flow run's parameters: overwrite them with the credential masked, then refuse
+    the run (``ConfigError``, naming the fields, never quoting them). See docs/credentials.md for what remains."""
+    from prefect import get_client
+    from prefect.runtime import flow_run
+
+    from comat_core.store.credentials import redact_request
+
+    request = config.model_dump(exclude_none=True) if isinstance(config, ConfigRequest) else config
+    clean, found = redact_request(request)
+    if not found:
+        return
+    masked = "could not be masked in this run's stored parameters (delete the flow run)"
+    if flow_run.id:
+        try:
+            with get_client(sync_client=True) as client:
+                client.update_flow_run(flow_run.id, parameters={**(flow_run.parameters or {}), "config": clean})
+            masked = "was masked in this run's stored parameters"
+        except Exception as e:  # noqa: BLE001 - the refusal below is what counts
+            log.warning("could not mask the credential in flow run %s's parameters: %s", flow_run.id, type(e).__name__)
+    raise ConfigError(f"{', '.join(found)} holds a credential, which {masked}; remove it and set the standard "
+                      "variables on the workers instead (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN "
+                      "or AWS_PROFILE for S3, GOOGLE_APPLICATION_CREDENTIALS for gs://)")
 
 
 def require_storage(config) -> None:

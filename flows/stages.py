@@ -21,7 +21,7 @@ from comat_core.errors import ComatError, ConfigError
 from comat_core.preflight import ConfigRequest, build_config, check_this_machine
 from flows._naming import stage_run_name
 from flows.logs import forward_to_runs
-from flows.pipeline import refuse, require_storage
+from flows.pipeline import refuse, require_storage, scrub_submitted_credentials
 from tasks.stage import open_store, run_stage_task
 
 
@@ -30,6 +30,7 @@ def run_one(stage: str, config: ConfigRequest | None, force: bool, part: list[in
     """Check the request (a refusal is one line, ``flows.pipeline.refuse``), then run the stage's task."""
     forward_to_runs()
     try:
+        scrub_submitted_credentials(config)
         require_storage(config)
         cfg = build_config(config)
         if stage not in cfg.stage_order():
