@@ -30,8 +30,11 @@ GPU pool takes one. It waits for all of them, puts a failed or crashed part back
 same flow run, up to ``SHARD_RUN_RETRIES`` times; its completed shards are not redone), and then
 runs the stage's deployment once more without ``part``: that run verifies every shard (sha256),
 computes any still missing, does the stage's non-sharded rest (``gan_gt`` preview, the SDXL
-fine-tune, ``evaluate`` scoring and report) and commits the manifest. ``force`` deletes the stage's
-folder once, before the fan-out. ``parallelism`` is a flow parameter and not a config field because
+fine-tune, ``evaluate`` scoring and report) and commits the manifest. ``force`` verifies the stage's
+inputs once, then gives every run of the fan-out one staging folder beside the old output
+(``staged``): the parts write their shards there, the last run commits there and promotes it over
+the old output, which stays complete and readable until then, and stays as it was when the fan-out
+fails or is killed (the staging folder is removed, or left for the next commit of that key to remove). ``parallelism`` is a flow parameter and not a config field because
 it says where work runs, not what it computes: it never enters a stage key, and ``comat run``
 (in-process) has no workers to spread over.
 """
@@ -47,7 +50,7 @@ from prefect.states import Failed, State
 
 from comat_core.config import ComatConfig, ConfigRequest, StageName, build_config
 from comat_core.errors import ComatError, ConfigError, StorageError
-from comat_core.stages.registry import STAGES, compute_key, verify_inputs
+from comat_core.stages.registry import STAGES, compute_key, staging_folder, verify_inputs
 from comat_core.preflight import check_this_machine, preflight
 from flows._naming import parent_run_name
 from tasks.logs import forward_to_runs
@@ -64,12 +67,14 @@ def stage_deployment(stage: str) -> str:
     return f"comat-{stage.replace('_', '-')}/{'gpu' if STAGES[stage].gpu else 'cpu'}"
 
 
-def run_stage_deployment(stage: str, cfg: ComatConfig, force: bool) -> str:
-    """Run one stage as a flow run of its deployment (a subflow in the UI), wait, return its URL."""
+def run_stage_deployment(stage: str, cfg: ComatConfig, force: bool, staged: str | None = None) -> str:
+    """Run one stage as a flow run of its deployment (a subflow in the UI), wait, return its URL.
+
+    ``staged``: the commit of a forced fan-out (``run_stage_fanout``)."""
     from prefect.deployments import run_deployment
 
-    child = run_deployment(stage_deployment(stage), parameters={"config": config_payload(cfg), "force": force},
-                           timeout=None, poll_interval=2)
+    parameters = {"config": config_payload(cfg), "force": force} | ({"staged": staged} if staged else {})
+    child = run_deployment(stage_deployment(stage), parameters=parameters, timeout=None, poll_interval=2)
     if not (child.state and child.state.is_completed()):
         raise RuntimeError(f"{stage}: flow run {child.name!r} of {stage_deployment(stage)} ended "
                            f"{child.state.name if child.state else 'without a state'}; see its logs in the UI")
@@ -87,18 +92,37 @@ def run_stage_fanout(stage: str, cfg: ComatConfig, force: bool, parts: int) -> s
 
     store = open_store(cfg)
     key = compute_key(cfg, store, stage)
+    staged = None
     if force:
-        verify_inputs(cfg, store, stage)  # a corrupt input fails here, before the old output is deleted
-        store.remove_tree(store.path(stage, key))  # here, once: a part must never delete another's shards
+        verify_inputs(cfg, store, stage)  # a corrupt input fails here, before anything is written
+        staged = staging_folder(key)  # one for all the runs of this fan-out: the old output is not touched
+        log.info("%s: forced fan-out into %s; %s stays as it is until the new output is complete", stage,
+                 store.stage_url(stage, staged), store.stage_url(stage, key))
     elif store.read_manifest(stage, key) is not None:
         log.info("%s: complete at %s, nothing to fan out", stage, store.stage_url(stage, key))
         return store.stage_url(stage, key)
-    runs = {k: run_deployment(stage_deployment(stage), timeout=0, parameters={
-        "config": config_payload(cfg), "force": False, "part": [k, parts]}) for k in range(parts)}
-    log.info("%s: %d parts submitted to %s: %s", stage, parts, stage_deployment(stage),
-             ", ".join(r.name for r in runs.values()))
-    wait_for_parts(stage, runs)
-    return run_stage_deployment(stage, cfg, force=False)
+    extra = {"staged": staged} if staged else {}
+    try:
+        runs = {k: run_deployment(stage_deployment(stage), timeout=0, parameters={
+            "config": config_payload(cfg), "force": False, "part": [k, parts]} | extra) for k in range(parts)}
+        log.info("%s: %d parts submitted to %s: %s", stage, parts, stage_deployment(stage),
+                 ", ".join(r.name for r in runs.values()))
+        wait_for_parts(stage, runs)
+        return run_stage_deployment(stage, cfg, force=False, staged=staged)
+    except BaseException:
+        if staged:
+            drop_staging(store, stage, staged)
+            log.warning("%s: the forced fan-out failed; the previous output at %s was not touched", stage,
+                        store.stage_url(stage, key))
+        raise
+
+
+def drop_staging(store, stage: str, staged: str) -> None:
+    """Best effort: a failed forced fan-out's staging folder (the next commit of its key removes it otherwise)."""
+    try:
+        store.remove_tree(store.path(stage, staged))
+    except Exception as e:  # noqa: BLE001 - the fan-out's own error is what counts
+        log.warning("could not remove %s (%s); the next commit of this key removes it", store.path(stage, staged), e)
 
 
 def wait_for_parts(stage: str, runs: dict, retries: int = SHARD_RUN_RETRIES, poll: float = POLL_SECONDS) -> None:
@@ -140,6 +164,7 @@ def comat(config: ConfigRequest | None = None, stages: list[StageName] | None = 
     must be in storage). ``force``: recompute these. ``dispatch``/``parallelism``: see the module."""
     forward_to_runs()
     try:
+        scrub_submitted_credentials(config)
         if parallelism < 1:
             raise ConfigError(f"parallelism must be at least 1, not {parallelism}")
         if parallelism > 1 and dispatch != "deployments":
@@ -174,6 +199,32 @@ def comat(config: ConfigRequest | None = None, stages: list[StageName] | None = 
         raise
     publish_run_summary(cfg, results, started)
     return results
+
+
+def scrub_submitted_credentials(config) -> None:
+    """A credential in the submitted ``config`` (storage options in ``values`` or an override) is already in
+    Prefect's database as this flow run's parameters: overwrite them with the credential masked, then refuse
+    the run (``ConfigError``, naming the fields, never quoting them). See docs/credentials.md for what remains."""
+    from prefect import get_client
+    from prefect.runtime import flow_run
+
+    from comat_core.store.credentials import redact_request
+
+    request = config.model_dump(exclude_none=True) if isinstance(config, ConfigRequest) else config
+    clean, found = redact_request(request)
+    if not found:
+        return
+    masked = "could not be masked in this run's stored parameters (delete the flow run)"
+    if flow_run.id:
+        try:
+            with get_client(sync_client=True) as client:
+                client.update_flow_run(flow_run.id, parameters={**(flow_run.parameters or {}), "config": clean})
+            masked = "was masked in this run's stored parameters"
+        except Exception as e:  # noqa: BLE001 - the refusal below is what counts
+            log.warning("could not mask the credential in flow run %s's parameters: %s", flow_run.id, type(e).__name__)
+    raise ConfigError(f"{', '.join(found)} holds a credential, which {masked}; remove it and set the standard "
+                      "variables on the workers instead (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN "
+                      "or AWS_PROFILE for S3, GOOGLE_APPLICATION_CREDENTIALS for gs://)")
 
 
 def require_storage(config) -> None:

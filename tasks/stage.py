@@ -171,10 +171,12 @@ def test_hooks(stage: str) -> dict:
     retry_jitter_factor=0.5,
     retry_condition_fn=retry_on_transient,
 )
-def stage_task(stage: str, config: dict, force: bool = False, part: list[int] | None = None) -> State:
+def stage_task(stage: str, config: dict, force: bool = False, part: list[int] | None = None,
+               staged: str | None = None) -> State:
     """Run one stage through ``comat_core.stages.registry.run_stage``; the state's data is the stage URL.
 
-    ``part=[k, n]``: only the k-th of n slices of a sharded stage's shards, stage not committed."""
+    ``part=[k, n]``: only the k-th of n slices of a sharded stage's shards, stage not committed.
+    ``staged``: a forced fan-out's staging folder (``run_stage(staged=...)``): written there, promoted at commit."""
     from prefect.runtime import flow_run
 
     from tasks.artifacts import ProgressReporter, pipeline_scope, publish_stage
@@ -190,13 +192,13 @@ def stage_task(stage: str, config: dict, force: bool = False, part: list[int] | 
     key = compute_key(cfg, store, stage)
     scope = pipeline_scope(cfg.preset, store.root_url)
     progress = ProgressReporter(stage, key, scope)
-    if force or store.read_manifest(stage, key) is None:
+    if force or staged or store.read_manifest(stage, key) is None:
         progress.start()  # a cache hit gets one note below, no progress bar
     t0 = time.time()
     try:
         hooks = test_hooks(stage) | ({"on_checkpoint": checkpoint_hook(cfg, key)} if stage == "train" else {})
         result = run_stage(cfg, store, stage, force=force, progress=progress.update, hooks=hooks,
-                           shard_part=shard_part)
+                           shard_part=shard_part, staged=staged)
     except BaseException as e:  # a cancel or a kill too: the progress artifact says how the stage ended
         progress.fail(e)
         raise
@@ -239,10 +241,10 @@ def evaluation_figures(store: ArtifactStore, result) -> dict | None:
     return {r["category"]: {k: r[k] for k in ("metric", "base", "tuned", "delta", "ci95_low", "ci95_high")} for r in rows}
 
 
-def _complete(cfg: ComatConfig, stage: str, force: bool, part) -> bool:
+def _complete(cfg: ComatConfig, stage: str, force: bool, part, staged: str | None = None) -> bool:
     """The stage is complete in storage and will be a cache hit: its task result is not persisted
     (a hit writes nothing into the store; the manifest already says everything)."""
-    if force or part is not None:
+    if force or part is not None or staged:
         return False
     try:
         store = open_store(cfg)
@@ -251,17 +253,24 @@ def _complete(cfg: ComatConfig, stage: str, force: bool, part) -> bool:
         return False
 
 
-def run_stage_task(stage: str, cfg: ComatConfig, force: bool = False, part: list[int] | None = None) -> str:
+def run_stage_task(stage: str, cfg: ComatConfig, force: bool = False, part: list[int] | None = None,
+                   staged: str | None = None) -> str:
     """Call the stage's task inside a flow and return its URL (raises if the task failed).
 
     The result of a stage that computes is persisted on the artifact store when it is local or S3
     (``tasks/results.py``); a cache hit's is not, and a cache hit runs without the ``gpu`` tag, so the
     GPU concurrency limit never makes an all-cached run wait behind a training."""
-    if _complete(cfg, stage, force, part):  # a cache hit reads a manifest: it must not wait for a GPU slot
+    if _complete(cfg, stage, force, part, staged):  # a cache hit reads a manifest: it must not wait for a GPU slot
         task = STAGE_TASKS[stage].with_options(tags=[t for t in STAGE_TASKS[stage].tags if t != "gpu"] + ["cached"])
     else:
         task = persisting(STAGE_TASKS[stage], cfg)
+        if "gpu" in task.tags:  # a slot a killed run on this host still holds is freed now, not in a minute
+            from tasks.slots import free_dead_slots
+
+            free_dead_slots("gpu")
     parameters = {"stage": stage, "config": config_payload(cfg), "force": force}
     if part is not None:
         parameters["part"] = list(part)
+    if staged:
+        parameters["staged"] = staged
     return task(**parameters, return_state=True).result()

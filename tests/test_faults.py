@@ -93,6 +93,54 @@ def test_a_rerun_after_kill_9_takes_the_dead_runs_lease_and_computes_within_seco
     assert computing - flow_start < 10 and computing - t0 < 30, f"{computing - flow_start:.1f} s, {computing - t0:.1f} s"
 
 
+@pytest.fixture
+def one_gpu_slot(services):
+    """The ``gpu`` tag limit ``comat deploy --local`` creates, at 1 slot; removed afterwards (shared server)."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from flows.deploy import GPU_TAG
+
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=1)
+    yield GPU_TAG
+    with get_client(sync_client=True) as client:
+        try:
+            client.delete_concurrency_limit_by_tag(GPU_TAG)
+        except ObjectNotFound:
+            pass
+
+
+def test_a_rerun_after_kill_9_gets_the_dead_runs_gpu_slot_at_once(services, tmp_path, one_gpu_slot):
+    """With a ``gpu`` limit of 1, the killed run's task still holds the slot in Prefect: Prefect frees it
+    when the slot's lease expires (60 s after the last renewal, then up to 15 s until its repossessor
+    looks), and the rerun's GPU stage queued that long. The rerun frees the slot of a run whose process
+    on this host is gone before it submits its GPU stage, and starts computing within 10 s."""
+    first, seen = comat_run(str(tmp_path / "store")), []
+    try:
+        wait_for_line(first, "gan_gt: computing", seen)
+        time.sleep(1.0)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    t0, rerun, seen = time.time(), comat_run(str(tmp_path / "store")), []
+    try:
+        computing = wait_for_line(rerun, "gan_gt: computing", seen, timeout=300)
+        seen.append((time.time(), rerun.communicate(timeout=300)[0]))
+        assert rerun.returncode == 0, text(seen)[-3000:]
+    finally:
+        if rerun.poll() is None:
+            rerun.kill()
+    out = text(seen)
+    flow_start = next(t for t, line in seen if "Beginning flow run" in line)
+    print(f"\ngpu limit 1: the rerun started computing gan_gt {computing - t0:.1f} s after it was started "
+          f"({computing - flow_start:.1f} s after its flow run began)")
+    assert f"held by pid {first.pid} on this host, a process that is gone" in out, out[-3000:]
+    assert computing - flow_start < 10, f"{computing - flow_start:.1f} s"
+
+
 # ---------------------------------------------------------------- a store that stops answering
 
 class StallProxy:
@@ -265,6 +313,52 @@ def test_a_forced_run_killed_while_swapping_on_s3_is_finished_by_the_next_run(se
     assert res.cached and store.read_manifest("prompts", key) is not None
     store.reader("prompts", key).verify()
     assert store.listdir(store.path("prompts")) == [key]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_forced_fan_out_writes_beside_the_old_output_and_swaps_only_when_committed(services, tmp_path,
+                                                                                     monkeypatch, where):
+    """``--force`` with ``parallelism`` > 1: every run of the fan-out (parts, then the commit) writes into one
+    staging folder (``run_stage(staged=...)``). While the parts run, and after one fails, the old output is
+    complete and readable and a plain run is a cache hit of it; the commit swaps the new output in."""
+    from comat_core.config import load_config
+    from comat_core.stages.registry import compute_key, run_stage, staging_folder
+    from comat_core.store.shards import ShardPart
+    from comat_core.store.storage import ArtifactStore
+
+    if where == "s3":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", services["COMAT_TEST_S3_ENDPOINT"])
+    root = str(tmp_path / "store") if where == "local" else s3_root(services, "fanout-force")
+    cfg = load_config("tiny", overrides=FAST, extra={"storage": {"root": root}})
+    store = ArtifactStore(root)
+    for stage in ("prompts", "gan_gt"):
+        run_stage(cfg, store, stage)
+    key = compute_key(cfg, store, "gan_gt")
+    old = store.read_manifest("gan_gt", key)
+    staged = staging_folder(key)
+
+    def old_output_intact():
+        assert store.read_manifest("gan_gt", key) == old
+        store.reader("gan_gt", key).verify()
+
+    first = run_stage(cfg, store, "gan_gt", shard_part=ShardPart(0, 2), staged=staged)
+    assert first.partial and first.manifest["summary"]["shards_generated"] == 1
+    old_output_intact()
+    with pytest.raises(RuntimeError, match="fail_at_shard=1"):  # the second part fails (a kill leaves the same)
+        run_stage(cfg, store, "gan_gt", shard_part=ShardPart(1, 2), staged=staged, hooks={"fail_at_shard": 1})
+    old_output_intact()
+    assert run_stage(cfg, store, "gan_gt").cached  # a plain rerun uses the old output, never the staged shards
+    assert store.listdir(store.path("gan_gt")) == sorted([key, staged])  # the part's shard is kept for its retry
+    with pytest.raises(Exception, match="staging folder"):
+        run_stage(cfg, store, "gan_gt", staged=".0123456789abcdef.staged-0000abcd")  # another key's folder
+    run_stage(cfg, store, "gan_gt", shard_part=ShardPart(1, 2), staged=staged)  # the retry
+    old_output_intact()
+    final = run_stage(cfg, store, "gan_gt", staged=staged)  # the commit: verifies the shards, promotes
+    assert not final.cached and not final.partial and final.manifest["summary"]["shards_generated"] == 0
+    new = store.read_manifest("gan_gt", key)
+    assert new["finished_at"] != old["finished_at"] and new["files"] == old["files"]  # the same bytes, recomputed
+    store.reader("gan_gt", key).verify()
+    assert store.listdir(store.path("gan_gt")) == [key]  # the staging folder became the output
 
 
 # ---------------------------------------------------------------- leftovers and the debug log

@@ -213,7 +213,21 @@ def test_gan_gt_fans_out_over_two_workers_bit_identically(inputs_root, fanout_en
     committed = {n: writer.shard_meta(n)["committed_at"] for n in ("shard-00002", "shard-00003")}
     assert committed["shard-00002"] < running[1].timestamp() < committed["shard-00003"]
     # the commit pass was one more run of the stage deployment, which generated nothing
-    assert store.read_manifest("gan_gt", writer.key)["summary"]["shards_generated"] == 0
+    old = store.read_manifest("gan_gt", writer.key)
+    assert old["summary"]["shards_generated"] == 0
+
+    # forced: the parts and the commit write into one staging folder, promoted over the old output at the end
+    state = _run_in_thread(lambda: comat(config=request(root), stages=["gan_gt"], force=["gan_gt"],
+                                         dispatch="deployments", parallelism=2, return_state=True),
+                           timeout=360, logs=[log for _, log in two_workers.values()])
+    assert state.result()["gan_gt"] == results["gan_gt"]
+    new = store.read_manifest("gan_gt", writer.key)
+    assert new["finished_at"] != old["finished_at"] and new["files"] == old["files"]
+    store.reader("gan_gt", writer.key).verify()
+    assert store.listdir(store.path("gan_gt")) == [writer.key]  # the staging folder became the output
+    with get_client(sync_client=True) as client:
+        staged = {c.parameters.get("staged") for c in _child_runs(client, state.state_details.flow_run_id)}
+    assert len(staged) == 1 and re.fullmatch(rf"\.{writer.key}\.staged-[0-9a-f]{{8}}", staged.pop())
 
 
 # ---------------------------------------------------------------- data-parallel training

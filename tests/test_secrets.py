@@ -130,3 +130,58 @@ def test_a_planted_secret_is_nowhere_after_a_run(server_and_s3, tmp_path, capsys
         assert not [p for p, data in server_files.items() if needle in data], secret
         assert not [p for p, data in objects.items() if needle in data], secret
         assert needle not in debug_log
+
+
+def test_a_run_submitted_with_a_credential_is_refused_and_the_credential_masked_in_prefect(server_and_s3):
+    """A flow run created with a credential in its ``config`` parameter (``values.storage.options``, or an
+    override) has it in Prefect's database from its creation on: the flow masks it in the stored parameters,
+    then refuses the run in one line. Afterwards neither the API nor any file of the server's home holds it."""
+    import subprocess
+    import sys
+
+    from prefect import get_client
+
+    home, root = server_and_s3
+    in_values, in_override = (f"planted-{what}-{uuid.uuid4().hex}" for what in ("values", "override"))
+    config = {"storage": root, "overrides": [f"storage.options.token={in_override}"],
+              "values": {"storage": {"root": root, "options": {"client_kwargs": {"aws_secret_access_key": in_values}}}}}
+    code = ("import json, sys; from flows.pipeline import comat; "
+            "s = comat(config=json.loads(sys.argv[1]), stages=['prompts'], return_state=True); "
+            "print('STATE', s.type.value, s.state_details.flow_run_id); print('MESSAGE', s.message)")
+    ran = subprocess.run([sys.executable, "-c", code, json.dumps(config)], env=dict(os.environ), capture_output=True,
+                         text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    state = next(line.split() for line in ran.stdout.splitlines() if line.startswith("STATE"))
+    assert state[1] == "FAILED", ran.stdout + ran.stderr[-3000:]
+    assert ("storage.options.client_kwargs.aws_secret_access_key, storage.options.token holds a credential, which "
+            "was masked in this run's stored parameters") in ran.stdout
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(state[2])
+    assert run.parameters["config"]["values"]["storage"]["options"] == {"client_kwargs": {"aws_secret_access_key": "***"}}
+    assert run.parameters["config"]["overrides"] == ["storage.options.token=***"]
+    deadline = time.time() + 60
+    while True:  # the run's events reach the database a moment after the run ends
+        server_files = {p: p.read_bytes() for p in Path(home).rglob("*") if p.is_file()}
+        database = b"".join(data for p, data in server_files.items() if ".db" in p.name)
+        if b"prefect.flow-run.Failed" in database or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert b"prefect.flow-run.Failed" in database
+    rows = database_rows(Path(home) / "prefect.db")
+    assert any(str(run.id) in row for row in rows)  # the run's rows are there
+    for secret in (in_values, in_override):
+        assert secret not in ran.stdout + ran.stderr
+        assert not [row for row in rows if secret in row], secret  # no row of any table, events included
+        # only SQLite's write-ahead log may keep the overwritten page's old bytes, until they are reused
+        assert not [p for p, data in server_files.items() if secret.encode() in data and not p.name.endswith("-wal")]
+
+
+def database_rows(path: Path) -> list[str]:
+    """Every row of every table of a SQLite database, as text (read while the server runs)."""
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        tables = [t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return [repr(row) for t in tables for row in con.execute(f'SELECT * FROM "{t}"')]
+    finally:
+        con.close()

@@ -319,12 +319,16 @@ def missing_input_advice(cfg: ComatConfig, store: ArtifactStore, name: str, run_
 
 def run_stage(cfg: ComatConfig, store: ArtifactStore, stage: str, *, force: bool = False,
               progress: ProgressFn | None = None, hooks: dict | None = None,
-              shard_part: ShardPart | None = None) -> StageResult:
+              shard_part: ShardPart | None = None, staged: str | None = None) -> StageResult:
     """Run one stage unless its output is already complete. ``force`` recomputes it: inputs are
     verified first and the old output is kept aside until the new one is committed (``_force_aside``).
 
     ``shard_part`` (sharded stages, fan-out): compute only that part's shards and return a
     ``partial`` result without committing the manifest; a later call without it commits.
+
+    ``staged`` (a forced fan-out, ``staging_folder``): the parts and the final call write into this
+    folder beside the old output, which stays complete and readable; the final call commits there and
+    promotes it over the old output. A failed or killed fan-out leaves the old output as it was.
     """
     spec = STAGES[name_or(stage)]
     if shard_part is not None:
@@ -333,33 +337,48 @@ def run_stage(cfg: ComatConfig, store: ArtifactStore, stage: str, *, force: bool
         if force:
             raise ConfigError(f"{stage}: force with a shard part would delete the other parts' shards; "
                               "force the whole stage once, before the fan-out")
+    if staged is not None and not re.fullmatch(r"\.[0-9a-f]+\.staged-[0-9a-f]{8}", staged):
+        raise ConfigError(f"{stage}: staging folder {staged!r} is not one staging_folder names")
     key = compute_key(cfg, store, stage)
-    if not force:
+    if staged is not None and not staged.startswith(f".{key}."):
+        raise ConfigError(f"{stage}: staging folder {staged} belongs to another key than {key}")
+    fresh = force or staged is not None  # an existing output is replaced, not a cache hit
+    if not fresh:
         manifest = store.read_manifest(stage, key)
         if manifest is not None:
             log.info("%s: cache hit %s", stage, store.stage_url(stage, key))
             return StageResult(stage, key, store.stage_url(stage, key), True, manifest)
     part = f"{shard_part.index + 1}-{shard_part.count}" if shard_part is not None else ""
-    done = (lambda: False) if force else (lambda: store.read_manifest(stage, key) is not None)
+    done = (lambda: False) if fresh else (lambda: store.read_manifest(stage, key) is not None)
     # one writer per key (comat_core/store/lease.py): a second run waits here, then finds the manifest
     with stage_lease(store, stage, key, part, done=done) as compute:
         if not compute:
             log.info("%s: cache hit %s (computed by another run meanwhile)", stage, store.stage_url(stage, key))
             return StageResult(stage, key, store.stage_url(stage, key), True, store.read_manifest(stage, key))
-        if not force and shard_part is None and _finish_promotion(store, stage, key):
+        if not fresh and shard_part is None and _finish_promotion(store, stage, key):
             return StageResult(stage, key, store.stage_url(stage, key), True, store.read_manifest(stage, key))
+        if staged is not None:  # a forced fan-out: its parent verified the inputs; the folder is shared
+            return _compute(cfg, store, spec, stage, key, progress, hooks, shard_part, staged=staged, shared=True)
         aside = _force_aside(cfg, store, stage, key) if force else None
-        staged = f".{key}.staged-{uuid.uuid4().hex[:8]}" if force and not store.renames_cheaply else None
+        staged = staging_folder(key) if force and not store.renames_cheaply else None
         return _compute(cfg, store, spec, stage, key, progress, hooks, shard_part, aside, staged)
 
 
+def staging_folder(key: str) -> str:
+    """A fresh staging folder name for a forced recompute of ``key``: ``.<key>.staged-<8 hex>``, beside the
+    old output in the stage's folder (ignored by readers; removed or promoted by the run that made it)."""
+    return f".{key}.staged-{uuid.uuid4().hex[:8]}"
+
+
 def _compute(cfg: ComatConfig, store: ArtifactStore, spec: Stage, stage: str, key: str, progress, hooks,
-             shard_part: ShardPart | None, aside: str | None = None, staged: str | None = None) -> StageResult:
+             shard_part: ShardPart | None, aside: str | None = None, staged: str | None = None,
+             shared: bool = False) -> StageResult:
     """Run the stage function under its lease, then commit its manifest (unless it is a fan-out part).
 
     ``aside``: the old output of a forced stage, put back if this fails, removed once the new one is committed.
     ``staged``: a forced stage on an object store writes into this folder beside the old output, which
-    stays in place and readable until the new one is complete (``ArtifactStore.promote``)."""
+    stays in place and readable until the new one is complete (``ArtifactStore.promote``).
+    ``shared``: ``staged`` belongs to a forced fan-out (its parts' shards): kept when this call fails."""
     inputs = {n: store.reader(n, compute_key(cfg, store, n)) for n in stage_inputs(cfg, stage)}
     writer = store.writer(stage, key)
     display = StageProgress(stage, progress)  # a bar on a terminal, lines with rate and ETA in the log
@@ -376,7 +395,7 @@ def _compute(cfg: ComatConfig, store: ArtifactStore, spec: Stage, stage: str, ke
         if aside is not None:
             store.restore(aside, store.path(stage, key))
             log.warning("%s: forced recompute failed; the previous output is back at %s", stage, writer.url)
-        if staged is not None:
+        if staged is not None and not shared:
             _drop(store, store.path(stage, staged))
             log.warning("%s: forced recompute failed; the previous output at %s was not touched", stage, writer.url)
         raise
@@ -387,7 +406,8 @@ def _compute(cfg: ComatConfig, store: ArtifactStore, spec: Stage, stage: str, ke
     summary.setdefault("seconds", round(time.time() - t0, 3))
     log.info("%s: computed in %.1f s", stage, time.time() - t0)
     if shard_part is not None:
-        log.info("%s: part %s done in %s (stage not committed)", stage, shard_part, writer.url)
+        log.info("%s: part %s done in %s (stage not committed)", stage, shard_part,
+                 store.stage_url(stage, staged) if staged else writer.url)
         return StageResult(stage, key, writer.url, False, {"summary": summary}, partial=True)
     manifest = writer.commit(
         config=stage_config(cfg, stage),

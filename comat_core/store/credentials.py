@@ -65,6 +65,60 @@ def check_storage_options(options: dict) -> dict:
     return options
 
 
+def _masked(options: Any) -> Any:
+    """``options`` with the value of every credential (as ``secret_options`` finds them) replaced by ``***``."""
+    if not isinstance(options, dict):
+        return options
+    out = {}
+    for name, value in options.items():
+        if isinstance(value, dict):
+            out[name] = _masked(value)
+        else:
+            out[name] = MASK if secret_options({name: value}) else value
+    return out
+
+
+def redact_request(request: Any) -> tuple[Any, list[str]]:
+    """A config request (the flows' ``config`` parameter) with every credential in its storage options masked,
+    and the dotted names of those found: in ``values.storage.options`` and in overrides of
+    ``storage.options...`` (``storage.options.secret=...`` or a whole table). Used to take a credential
+    someone submitted back out of a flow run's stored parameters before the run is refused."""
+    import copy
+
+    if not isinstance(request, dict):
+        return request, []
+    out, found = copy.deepcopy(request), []
+    storage = (out.get("values") or {}).get("storage") if isinstance(out.get("values"), dict) else None
+    if isinstance(storage, dict) and isinstance(storage.get("options"), dict):
+        found += secret_options(storage["options"])
+        storage["options"] = _masked(storage["options"])
+    overrides = out.get("overrides")
+    if isinstance(overrides, list):
+        for i, item in enumerate(overrides):
+            names = _override_secrets(item)
+            if names:
+                found += names
+                overrides[i] = f"{str(item).split('=', 1)[0]}={MASK}"
+    return out, found
+
+
+def _override_secrets(item: Any) -> list[str]:
+    """The credentials one ``KEY=VALUE`` override sets in ``storage.options`` (YAML value, as the config reads it)."""
+    import yaml
+
+    key, eq, raw = str(item).partition("=")
+    key = key.strip()
+    if not eq or not (key == "storage.options" or key.startswith("storage.options.")):
+        return []
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    for part in reversed(key.split(".")[2:]):
+        value = {part: value}
+    return secret_options(value) if isinstance(value, dict) else []
+
+
 def environment_secrets() -> list[str]:
     """The values of the secret-named environment variables, longest first (8 characters or more).
 

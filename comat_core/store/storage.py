@@ -268,7 +268,15 @@ class ArtifactStore:
         rename copies every file: the old manifest goes first (from then on the stage reads as incomplete,
         never as the old manifest over new files), then the old files, then the new files are copied
         server-side with the manifest last, and ``staged`` is removed. A crash in between leaves
-        ``staged`` complete; the next run finishes the promotion (the stage registry's ``run_stage``)."""
+        ``staged`` complete; the next run finishes the promotion (the stage registry's ``run_stage``).
+        Where renames are cheap (a forced fan-out on local disk) the old folder is set aside, ``staged``
+        renamed into its place, and the old one removed."""
+        if self.renames_cheaply:
+            old = self.set_aside(path)
+            self.restore(staged, path)  # nothing is at ``path`` now: this is the rename
+            if old is not None:
+                self.remove_tree(old)
+            return
         self.remove_file(f"{path}/{MANIFEST}")
         self.remove_tree(path)
         found = self._remote("list", staged, self.fs.find, staged)
