@@ -116,10 +116,10 @@ def headline_lines(store: ArtifactStore, results: dict[str, str]) -> list[str]:
     warning = caveat(summary)
     if warning:
         lines.append(f"  {warning}")
-    lines.append(f"  {'category':<14} {'metric':<16} {'base':>8} {'tuned':>8} {'delta':>8}  {'95 % CI':<20} pairs")
+    lines.append(f"  {'category':<15} {'metric':<16} {'base':>8} {'tuned':>8} {'delta':>8}  {'95 % CI':<20} pairs")
     for h in rows:
         ci = f"[{_fmt(h['ci95_low'])}, {_fmt(h['ci95_high'])}]"
-        lines.append(f"  {h['category']:<14} {h['metric']:<16} {_fmt(h['base']):>8} {_fmt(h['tuned']):>8} "
+        lines.append(f"  {h['category']:<15} {h['metric']:<16} {_fmt(h['base']):>8} {_fmt(h['tuned']):>8} "
                      f"{_fmt(h['delta']):>8}  {ci:<20} {_fmt(h['pairs'])}")
     return lines
 

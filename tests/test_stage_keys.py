@@ -11,25 +11,25 @@ import json
 
 import pytest
 
-from comat_core.preflight import build_config
+from comat_core.config import build_config
 from comat_core.stages.registry import compute_key
 from comat_core.store.storage import ArtifactStore, sha256_bytes
 
-GOLDEN = {  # prompts 2 (each entity stores its token positions): every key changed, as inputs' keys chain
+GOLDEN = {  # prompts 2 (entities store their token positions) and train 3 (one decoder): keys chain to inputs
     "tiny": {
         "prompts": "374cf42d21831e8b",
         "gan_gt": "6cf862bb18c22344",
         "masks": "1aa00be75e69f2d5",
-        "train": "ff36eaebf2d1b4fd",
-        "evaluate": "2caafedd30c527e8",
+        "train": "e6f5cd3101f2aa42",
+        "evaluate": "b9c0fe2cf62e1f85",
     },
     "tiny-sdxl": {
         "prompts": "d3e43451708bc36a",
         "sdxl_prefinetune": "26465835021fcd82",
         "gan_gt": "c85cf4b83f67aa5e",
         "masks": "aabbee4c93467c0f",
-        "train": "4abcae6e80199c0f",
-        "evaluate": "a7c2efac0c4509af",
+        "train": "16557b9f7f72f28c",
+        "evaluate": "edb04a6306ed7318",
     },
 }
 

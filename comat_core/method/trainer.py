@@ -408,7 +408,7 @@ def train(cfg: ComatConfig, sources: TrainingSources, writer: StageWriter, scrat
             write_validation(tr, writer, loop.step)
         if main and (loop.step % tc.checkpoint_every == 0 or loop.step == tc.max_steps):
             save_training_checkpoint(tr, writer, loop, global_batch)
-            if "on_checkpoint" in hooks:  # e.g. a Prefect event (flows/events.py)
+            if "on_checkpoint" in hooks:  # e.g. a Prefect event (tasks/events.py)
                 hooks["on_checkpoint"](loop.step, checkpoint_ref(loop.step).folder)
         accelerator.wait_for_everyone()
         if "after_step" in hooks:
