@@ -127,25 +127,46 @@ def test_shapes_masks_backend_returns_the_judges_objects_per_noun():
     assert result["triangle"][2] is None and result["triangle"][0].shape == (0, 4)
 
 
-def test_prompt_split_keeps_evaluation_prompts_out_of_training():
-    from comat_core.worlds.shapes.splits import pair_kind, prompt_split
+def test_prompt_split_keeps_every_evaluation_category_out_of_training():
+    from comat_core.worlds.shapes.splits import N_NEW_PAIRS, prompt_split
 
     split = prompt_split(seed=0, n_eval=64)
+
     def combo(p):
         return frozenset(parse_prompt(p).pairs())
-    assert not {combo(p) for p in split.train} & {combo(p) for p in split.eval_two}
-    assert len(split.train) + len(split.eval_two) == 276 and len(split.eval_single) == 24
+
+    train = {combo(p) for p in split.train}
+    for held_out in (split.eval_two, split.eval_new, split.eval_three, split.eval_relation):
+        assert held_out and not {combo(p) for p in held_out} & train
+    counts = [len(parse_prompt(p).objects) for p in split.train]  # CoMat prompts mix 1, 2 and 3 objects
+    assert {1, 2, 3} <= set(counts) and counts.count(2) > counts.count(3) > counts.count(1) > 0
+    new = set(split.new_pairs)
+    assert len(new) == N_NEW_PAIRS and len({s for _, s in new}) == N_NEW_PAIRS  # one per shape
+    assert not any(new & set(parse_prompt(p).pairs()) for p in split.train)  # no training prompt holds them
+    assert all(new & set(parse_prompt(p).pairs()) for p in split.eval_new)
+    assert not any(new & set(parse_prompt(p).pairs()) for p in split.eval_two)  # the headline: trained pairs
+    assert all(parse_prompt(p).relation for p in split.eval_relation)
+    assert all(len(parse_prompt(p).objects) == 3 for p in split.eval_three) and len(split.eval_single) == 24
     assert prompt_split(seed=0, n_eval=64) == split and prompt_split(seed=1, n_eval=64) != split
-    kinds = [pair_kind(p) for p in PAIRS]
+
+
+def test_pair_designs_uniform_by_default_latin_square_as_an_option():
+    from comat_core.worlds.shapes.settings import WorldConfig
+    from comat_core.worlds.shapes.splits import base_pair_weights, pair_kind
+
+    assert WorldConfig().pair_design == "uniform" and WorldConfig.version2().pair_design == "latin"
+    assert len(set(base_pair_weights("uniform").values())) == 1
+    assert {pair_kind(p, "uniform") for p in PAIRS} == {"seen"}
+    kinds = [pair_kind(p, "latin") for p in PAIRS]
     assert kinds.count("unseen") == 6 and kinds.count("rare") == 6 and kinds.count("seen") == 12
     for colour in COLOURS:  # every colour is common on some shape, and every shape in some colour
-        assert sum(pair_kind((colour, s)) == "seen" for s in SHAPES) == 2
+        assert sum(pair_kind((colour, s), "latin") == "seen" for s in SHAPES) == 2
     for shape in SHAPES:
-        assert any(pair_kind((c, shape)) == "seen" for c in COLOURS)
+        assert any(pair_kind((c, shape), "latin") == "seen" for c in COLOURS)
 
 
 def test_base_data_follows_its_object_counts_and_pair_weights():
-    from comat_core.worlds.shapes.build import WorldConfig
+    from comat_core.worlds.shapes.settings import WorldConfig
     from comat_core.worlds.shapes.data import base_dataset
     from comat_core.worlds.shapes.splits import pair_kind
 
@@ -157,6 +178,53 @@ def test_base_data_follows_its_object_counts_and_pair_weights():
     assert not any(pair_kind(p) == "unseen" for c in data.captions for p in parse_prompt(c).pairs())
     with pytest.raises(ValueError, match="positive sum"):
         WorldConfig(base_object_counts=(0, 0, 0))
+
+
+def test_loose_captions_attach_colours_to_the_wrong_objects_and_only_there():
+    """With swap_p the images are the same; multi-object captions carry the right colours and shapes
+    but the colours on the wrong objects, about swap_p of the time; single objects stay exact."""
+    from comat_core.worlds.shapes.data import base_dataset
+
+    kwargs = dict(count_weights=(0.3, 0.5, 0.2), design="uniform")
+    exact = base_dataset(400, seed=3, **kwargs)
+    loose = base_dataset(400, seed=3, swap_p=0.5, **kwargs)
+    assert np.array_equal(exact.images, loose.images) and loose.exact == exact.captions and exact.exact is None
+    changed, multi = 0, 0
+    for image, said, true in zip(loose.images, loose.captions, loose.exact):
+        n = len(parse_prompt(true).objects)
+        if n == 1:
+            assert said == true
+            continue
+        distinct = len({c for c, _ in parse_prompt(true).pairs()}) > 1
+        multi += distinct
+        if said != true:
+            changed += 1
+            if len({s for _, s in parse_prompt(true).pairs()}) < n:
+                continue  # two objects of one shape: a swap of their colours names the same objects
+            verdict = judge.score(image, said)
+            assert not verdict.binding and judge.colours_right(verdict) and judge.shapes_right(verdict)
+            assert judge.failure(verdict) == "colours swapped"
+    assert 0.4 < changed / multi < 0.6
+
+
+def test_world_config_checks_sizes_and_phases():
+    from pydantic import ValidationError
+
+    from comat_core.worlds.shapes.settings import WorldConfig
+
+    assert WorldConfig().latent_size == 16 and WorldConfig.version2().latent_size == 8
+    with pytest.raises(ValidationError, match="size_ranges"):
+        WorldConfig(size_ranges={"small": (16, 20)})
+    with pytest.raises(ValidationError, match="freeze_text_after"):
+        WorldConfig(unet_steps=100, freeze_text_after=200)
+
+
+def test_world_stage_code_version_is_the_worlds_version():
+    """A new world never hits an old world's stage key (nor the local model cache kept under it)."""
+    from comat_core.stages.registry import STAGES
+    from comat_core.worlds.shapes.settings import WORLD_VERSION
+
+    assert STAGES["world"].code_version == str(WORLD_VERSION)
 
 
 def test_smoke_world_build_is_deterministic_and_loadable(tmp_path):
@@ -174,27 +242,39 @@ def test_smoke_world_build_is_deterministic_and_loadable(tmp_path):
     for rel in files:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
     saved = json.loads((tmp_path / "a" / "world.json").read_text())
-    assert saved["metrics"] == world["metrics"] and set(saved["metrics"]["base"]) == {"single", "two"}
-    assert 0.0 <= saved["metrics"]["captioner_binding"] <= 1.0
+    metrics = saved["metrics"]
+    assert metrics == world["metrics"] and set(metrics["base"]) == {"single", "two", "new", "three", "relation"}
+    assert set(metrics["base"]["two"]["taxonomy"]) == set(judge.FAILURES)
+    assert set(metrics["gates"]) == {"single_accuracy", "single_validity", "two_object_shape_recall", "heldout_binding",
+                                     "captioner_binding_on_base", "vae_two_object_binding"}
+    assert all(v is None or 0.0 <= v <= 1.0 for v in metrics["gates"].values())
+    assert 0.0 <= metrics["captioner_binding"] <= 1.0
     pipe = load_sd_pipeline(str(tmp_path / "a" / "base"), "sd15")
-    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.vae_scale_factor == 8
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.vae_scale_factor == 4  # 16x16 latents
     model, processor = load_captioner(str(tmp_path / "a" / "captioner"))
     assert type(model).__name__ == "BlipForConditionalGeneration"
 
 
-def test_shipped_world_draws_shapes_and_its_captioner_binds():
-    """The pretrained world in the package: the base model draws clean single shapes, the captioner binds."""
+def test_shipped_world_is_the_default_build_and_records_its_gates():
+    """The pretrained world in the package is ``WorldConfig()``'s (so the preset copies it), records every
+    gate and whether it is met, and its base model draws clean single objects; its captioner binds."""
     import json
 
     from comat_core.models.loader import load_captioner
+    from comat_core.stages.world import shipped_matches
     from comat_core.worlds.shapes import PRETRAINED, captioner
-    from comat_core.worlds.shapes.build import generate, load_base
+    from comat_core.worlds.shapes.measure import GATES, gate_report, generate, load_base
+    from comat_core.worlds.shapes.settings import WORLD_VERSION, WorldConfig
 
     world = json.loads((PRETRAINED / "world.json").read_text())
+    assert world["version"] == WORLD_VERSION and shipped_matches(WorldConfig())
+    gates = world["metrics"]["gates"]
+    assert set(gates) == set(GATES) and world["metrics"]["gates_met"] == gate_report(gates)
     assert world["metrics"]["captioner_binding"] >= 0.95
-    prompts = [f"a {c} {s}" for c, s in PAIRS if world["pair_kinds"][f"{c} {s}"] == "seen"][:6]
+    prompts = [f"a {c} {s}" for c, s in PAIRS][::3]
     images = generate(load_base(PRETRAINED / "base"), prompts, list(range(len(prompts))), steps=25, guidance=7.5)
-    assert np.mean([judge.score(im, p).validity for im, p in zip(images, prompts)]) >= 0.9
+    verdicts = [judge.score(im, p) for im, p in zip(images, prompts)]
+    assert np.mean([v.validity for v in verdicts]) >= 0.95 and np.mean([v.binding for v in verdicts]) >= 0.75
     model, processor = load_captioner(str(PRETRAINED / "captioner"))
     assert captioner.binding_accuracy(model, processor, n=60) >= 0.9
 

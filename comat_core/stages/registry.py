@@ -63,7 +63,9 @@ class Stage:
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
-        Stage("world", (), "1", "comat_core.stages.world:run", records=("world.json",)),  # its build timings
+        # code version: the world's own WORLD_VERSION (a test checks), so a new world never hits an old world's
+        # key, nor the local model cache under it
+        Stage("world", (), "3", "comat_core.stages.world:run", records=("world.json",)),  # its build timings
         # prompts 2: each entity also stores its token positions for models.pretrained's tokenizer
         Stage("prompts", (), "2", "comat_core.stages.prompts:run", models=("family", "pretrained")),
         Stage("sdxl_prefinetune", ("prompts",), "1", "comat_core.stages.prefinetune:run",

@@ -1,11 +1,14 @@
 """The shapes world's prompt files, shipped in ``comat_core/data/shapes/`` for the ``shapes`` preset.
 
-* ``train.txt``: the CoMat training prompts (two objects; text only, as in the paper);
+* ``train.txt``: the CoMat training prompts (one, two and three objects; text only, as in the paper);
 * ``shapes_val.txt``: the held-out two-object evaluation prompts, never a training prompt in either
   word order (evaluate category ``shapes``, the headline);
-* ``shapes_train_val.txt``: the first ``n_train_eval`` training prompts, evaluated separately
-  (category ``shapes_train``: what training on a prompt does to that prompt);
-* ``shapes_single_val.txt``: every single-object prompt (category ``shapes_single``: validity).
+* ``shapes_new_val.txt``: two-object prompts with a colour-shape pair no training prompt holds
+  (``shapes_new``); ``shapes_three_val.txt``: three objects (``shapes_three``);
+  ``shapes_relation_val.txt``: two objects and a relation (``shapes_relation``);
+* ``shapes_train_val.txt``: the first ``n_train_eval`` two-object training prompts, evaluated
+  separately (category ``shapes_train``: what training on a prompt does to that prompt);
+* ``shapes_single_val.txt``: every single-object prompt (category ``shapes_single``).
 
 They are :func:`~comat_core.worlds.shapes.splits.prompt_split` of the world's default seed, written
 once; ``python -m comat_core.worlds.shapes.prompt_files DIR`` writes them again (a test checks that
@@ -28,7 +31,10 @@ def prompt_files(seed: int = DEFAULT_SEED, n_eval: int = DEFAULT_EVAL,
     return {
         "train.txt": list(split.train),
         "shapes_val.txt": list(split.eval_two),
-        "shapes_train_val.txt": list(split.train[:n_train_eval]),
+        "shapes_new_val.txt": list(split.eval_new),
+        "shapes_three_val.txt": list(split.eval_three),
+        "shapes_relation_val.txt": list(split.eval_relation),
+        "shapes_train_val.txt": list(split.train_two()[:n_train_eval]),
         "shapes_single_val.txt": list(split.eval_single),
     }
 

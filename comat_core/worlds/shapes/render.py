@@ -27,7 +27,8 @@ import numpy as np
 from comat_core.worlds.shapes.vocab import BACKGROUND, COLOURS, SHAPES, SIZES
 
 IMAGE_SIZE = 64
-SIZE_RANGES = {"small": (12, 16), "large": (20, 26)}  # side of the object's square box, pixels
+SIZE_RANGES = {"small": (12, 16), "large": (20, 26)}  # side of the object's square box, pixels (version 2)
+SizeRanges = dict[str, tuple[float, float]]
 MARGIN = 2  # pixels between an object and the border, and between two objects' boxes
 RELATION_SLACK = 6  # pixels: a captioned relation is never within this of a diagonal
 
@@ -138,12 +139,15 @@ def _overlaps(box: tuple[float, float, float, float], others: list[tuple[float, 
 
 
 def sample_scene(rng: np.random.Generator, pairs: list[tuple[str, str]], *, sizes: list[str] | None = None,
-                 relation: bool = False, with_size: bool = False, image_size: int = IMAGE_SIZE) -> Scene:
+                 relation: bool = False, with_size: bool = False, image_size: int = IMAGE_SIZE,
+                 size_ranges: SizeRanges | None = None) -> Scene:
     """A scene with one object per ``(colour, shape)`` pair, at random non-overlapping places.
 
     ``sizes``: one size word per object (random when None). ``relation``: a two-object caption says
-    where the first object is relative to the second instead of "and".
+    where the first object is relative to the second instead of "and". ``size_ranges``: the box side
+    range of each size word, in pixels of a 64 px image (``SIZE_RANGES`` when None).
     """
+    size_ranges = size_ranges or SIZE_RANGES
     if not 1 <= len(pairs) <= 3:
         raise ValueError(f"a scene has 1-3 objects, got {len(pairs)}")
     for _ in range(1000):
@@ -152,7 +156,7 @@ def sample_scene(rng: np.random.Generator, pairs: list[tuple[str, str]], *, size
             if colour not in COLOURS or shape not in SHAPES:
                 raise ValueError(f"unknown colour or shape in {(colour, shape)}")
             size = sizes[i] if sizes else SIZES[int(rng.integers(len(SIZES)))]
-            low, high = SIZE_RANGES[size]
+            low, high = size_ranges[size]
             side = float(rng.uniform(low, high)) * image_size / IMAGE_SIZE
             half = side / 2
             x = float(rng.uniform(MARGIN + half, image_size - MARGIN - half))
