@@ -186,9 +186,10 @@ def summary_markdown(cfg: ComatConfig, store: ArtifactStore, rows: list[dict], h
         folder = r["url"] if r["state"] in ("failed", "cancelled", "interrupted") else folder_markdown(store, r["url"])
         out.append(f"| {r['stage']} | {r['state']} | `{r['key']}` | {r['seconds']:g} | {folder} |")
     if headline:
-        from comat_core.stages.evaluate.report import caveat
+        from comat_core.stages.evaluate.report import caveat, taxonomy_lines
 
-        warning = caveat(evaluation_summary(store, {"evaluate": rows_url(rows, "evaluate")}) or {})
+        evaluation = evaluation_summary(store, {"evaluate": rows_url(rows, "evaluate")}) or {}
+        warning = caveat(evaluation)
         out += ["", "### Evaluation (headline metric per category; delta = tuned - base, 95 % CI over prompts)", "",
                 *([f"> **{warning}**", ""] if warning else []),
                 "| category | metric | base | tuned | delta | 95 % CI | pairs |", "|---|---|---|---|---|---|---|"]
@@ -196,6 +197,7 @@ def summary_markdown(cfg: ComatConfig, store: ArtifactStore, rows: list[dict], h
             ci = f"[{_fmt(h['ci95_low'])}, {_fmt(h['ci95_high'])}]"
             out.append(f"| {h['category']} | {h['metric']} | {_fmt(h['base'])} | {_fmt(h['tuned'])} | "
                        f"{_fmt(h['delta'])} | {ci} | {_fmt(h['pairs'])} |")
+        out += [line.replace("## ", "### ", 1) for line in taxonomy_lines(evaluation.get("results", {}))]
         out += ["", *evaluation_pictures(store, {r["stage"]: r["url"] for r in rows if r["state"] != "failed"})]
     if closing:
         out += ["", "### Outputs", "", "```", *closing, "```"]

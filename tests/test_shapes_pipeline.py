@@ -45,7 +45,7 @@ def test_the_shapes_pipeline_runs_from_the_world_stage_to_the_report(smoke_run):
         assert stage_inputs(cfg, stage)[0] == "world"
         assert results[stage].manifest["inputs"]["world"]["key"] == world.key
     summary = results["evaluate"].manifest["summary"]
-    assert set(summary["headline"]) == {"shapes", "shapes_train", "shapes_single"}
+    assert set(summary["headline"]) == {"shapes", "shapes_new", "shapes_single"}
     assert all(h["metric"] == "shapes" for h in summary["headline"].values())
     report = store.reader("evaluate", results["evaluate"].key)
     text = report.read_bytes("report.md").decode()
@@ -78,10 +78,13 @@ def test_shipped_prompt_files_are_the_worlds_split():
 
     for name, lines in prompt_files().items():
         assert (DATA_DIR / "shapes" / name).read_text(encoding="utf-8").splitlines() == lines, name
+    from comat_core.config import SHAPES_HELD_OUT
+    from comat_core.worlds.shapes.vocab import parse_prompt
+
     files = prompt_files()
-    held_out = set(files["shapes_val.txt"])
-    flipped = {" and ".join(reversed(p.split(" and "))) for p in held_out}
-    assert not (held_out | flipped) & set(files["train.txt"])  # never trained on, in either word order
+    combos = {frozenset(parse_prompt(p).pairs()) for name in SHAPES_HELD_OUT for p in files[name]}
+    assert not combos & {frozenset(parse_prompt(p).pairs()) for p in files["train.txt"]}  # never trained on, any order
+    assert set(files["shapes_train_val.txt"]) <= set(files["train.txt"])
 
 
 def test_world_models_need_a_world_and_valid_settings():
@@ -107,3 +110,16 @@ def test_the_shapes_metric_scores_renders_with_the_judge():
     swapped = [p.replace("red", "@").replace("blue", "red").replace("@", "blue") for p in prompts]
     changed = [i for i, (a, b) in enumerate(zip(prompts, swapped)) if a != b]
     assert changed and not any(verdicts([images[i]], [swapped[i]])[0].binding for i in changed)
+
+
+def test_the_run_summary_shows_the_judges_failure_taxonomy(smoke_run):
+    """The run-summary artifact (what the Prefect UI shows) has the taxonomy table beside the headline."""
+    from tasks.summary import headline_rows, stage_rows, summary_markdown
+
+    cfg, store, results = smoke_run
+    urls = {stage: store.stage_url(stage, r.key) for stage, r in results.items()}
+    rows = stage_rows(cfg, store, urls, started=0.0)
+    text = summary_markdown(cfg, store, rows, headline_rows(store, urls), [], started=0.0)
+    assert "### What went wrong (the judge's failure taxonomy)" in text
+    table = text.split("failure taxonomy")[1]
+    assert "| shapes |" in table and "colours swapped" in table and " → " in table

@@ -155,7 +155,9 @@ def render_markdown(summary: dict) -> str:
         lines = ["# Evaluation: base vs tuned (shapes world, scored by its judge)", ""]
         lines += ["## Scores", "", "Binding accuracy per category: every colour-shape pair of the prompt present as "
                   "one object and nothing else (higher is better). shapes: held-out prompts the training never "
-                  "saw; shapes_train: training prompts; shapes_single: one object.", "", TABLE_HEADER]
+                  "saw (the headline); shapes_new: with a colour-shape pair no training prompt holds; shapes_three: "
+                  "three objects; shapes_relation: two objects and a relation; shapes_train: training prompts; "
+                  "shapes_single: one object.", "", TABLE_HEADER]
     else:
         lines = ["# Evaluation: base vs tuned (T2I-CompBench protocol)", ""]
         lines += ["## Scores", "", "T2I-CompBench score per category (higher is better).", "", TABLE_HEADER]
@@ -174,7 +176,7 @@ def render_markdown(summary: dict) -> str:
             if metric != entry["headline_metric"]:
                 lines.append(table_row(category, metric, m))
     if world:
-        lines += _taxonomy_lines(results)
+        lines += taxonomy_lines(results)
     lines += ["", "## Protocol", ""]
     lines += _protocol_lines(summary)
     if not world:
@@ -191,7 +193,7 @@ def render_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _taxonomy_lines(results: dict) -> list[str]:
+def taxonomy_lines(results: dict) -> list[str]:
     """The judge's failure taxonomy per category: each kind's share of the images, base -> tuned."""
     kinds = []
     for entry in results.values():

@@ -1,7 +1,9 @@
 """The shapes world's judge as an evaluation metric (categories in ``SHAPES_CATEGORIES``).
 
-Categories: ``shapes`` (held-out two-object prompts, the headline), ``shapes_train`` (training
-prompts), ``shapes_single`` (one object).
+Categories: ``shapes`` (held-out two-object prompts, the headline), ``shapes_new`` (two objects, one
+of them a colour-shape pair no training prompt holds), ``shapes_three`` (three objects),
+``shapes_relation`` (two objects and a relation), ``shapes_train`` (training prompts),
+``shapes_single`` (one object).
 
 Per image, the judge (``worlds/shapes/judge.py``: palette quantisation, connected components, shape
 from geometry; no learned model, independent of the captioner) gives:
@@ -27,7 +29,7 @@ from typing import Sequence
 
 from comat_core.stages.evaluate.registry import EvalSample, Metric, Values, register
 
-SHAPES_CATEGORIES = ("shapes", "shapes_train", "shapes_single")
+SHAPES_CATEGORIES = ("shapes", "shapes_new", "shapes_three", "shapes_relation", "shapes_train", "shapes_single")
 
 
 def verdicts(images, prompts: Sequence[str]) -> list:
