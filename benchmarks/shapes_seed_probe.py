@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from comat_core.models.generation import draw
     from comat_core.worlds.shapes import PRETRAINED
-    from comat_core.worlds.shapes.build import load_base
+    from comat_core.worlds.shapes.measure import load_base
     from comat_core.worlds.shapes.render import IMAGE_SIZE
 
     train_dir = args.storage / "train" / args.train_key

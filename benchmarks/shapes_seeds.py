@@ -89,12 +89,27 @@ def train_info(store, evaluate_manifest: dict) -> tuple[int | None, float | None
     return (manifest.get("config", {}).get("section", {}).get("seed"), manifest.get("seconds"))
 
 
-def load_run(root: str) -> Run:
-    """Read one root's newest completed evaluate output (its scores.parquet) and its train stage's facts."""
+def split_run(arg: str) -> tuple[str, str | None]:
+    """`ROOT` or `ROOT/evaluate/KEY` -> (root, key or None): a root holding ablations names its preset output."""
+    head, sep, key = arg.rstrip("/").rpartition("/evaluate/")
+    return (head, key) if sep and key and "/" not in key else (arg, None)
+
+
+def load_run(arg: str) -> Run:
+    """Read one run's evaluate output (its scores.parquet) and its train stage's facts.
+
+    `arg` is a storage root (its newest completed evaluate output is taken) or `ROOT/evaluate/KEY`.
+    """
     from comat_core.store.storage import ArtifactStore
 
+    root, key = split_run(arg)
     store = ArtifactStore(root)
-    key, manifest, notes = newest_evaluate(store, root)
+    if key is None:
+        key, manifest, notes = newest_evaluate(store, root)
+    else:
+        manifest, notes = store.read_manifest("evaluate", key), []
+        if manifest is None:
+            sys.exit(f"error: {arg} is not a completed evaluate output (no _manifest.json)")
     rows = store.reader("evaluate", key).read_table("scores.parquet").to_pylist()
     seed, seconds = train_info(store, manifest)
     return Run(root, key, rows, seed, seconds, notes)
@@ -283,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", required=True, metavar="ROOT",
-                        help="storage roots, each holding one completed shapes run (one per training seed)")
+                        help="storage roots, each holding one completed shapes run (one per training seed); "
+                             "ROOT/evaluate/KEY picks one evaluate output where a root holds several")
     parser.add_argument("--out", type=Path, required=True, help="folder for seeds.json and seeds.md")
     parser.add_argument("--label", default=None, help="a name for the table's title")
     parser.add_argument("--nested", action="store_true", help="a separate prompt resample per chosen run")

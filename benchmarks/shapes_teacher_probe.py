@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from comat_core.method.losses.concept import ConceptActivationLoss
     from comat_core.models.loader import load_captioner
     from comat_core.worlds.shapes import PRETRAINED, base_model
-    from comat_core.worlds.shapes.build import load_base
+    from comat_core.worlds.shapes.measure import load_base
     from comat_core.worlds.shapes.captioner import LABEL_SMOOTHING, PREFIX, swap_test_set
 
     world = args.world or PRETRAINED

@@ -17,11 +17,14 @@ What it does, all through the pipeline's own stages (cached: a rerun recomputes 
    evaluation seeds, and the judge scores them (binding and validity against training steps).
 
 Variants (ablations of the loss terms and of the method's decisions):
-  full          concept activation + attribute concentration + fidelity (GAN), masks gt_noise
+  full          concept activation + attribute concentration + fidelity (GAN); replayed gan_gt noise, offline masks
   concept       concept activation only
   concept+attr  concept activation + attribute concentration (no GAN)
   full+mixed    full, with Mixed Latent (p_mixed 0.3)
-  full+online   full, with the reference's online masks (fresh noise, the online image segmented)
+  full+online   full, with the reference's noise and masks (fresh noise every step, the online image segmented)
+  replay-n4     full, four gan_gt samples (seeds, latents, masks) per prompt instead of one
+  fresh-no-attr fresh noise, no attribute concentration (concept activation + GAN)
+  rank32-600    full+online, LoRA rank 32 for 600 steps (longer variants live here, not in the preset)
 
 Writes ``<out>/results.json``, ``<out>/results.md`` (the tables) and ``<out>/curve.png``.
 """
@@ -42,7 +45,12 @@ VARIANTS = {
     "concept": ["train.losses.token_weight=0", "train.losses.pixel_weight=0", "train.losses.gan_weight=0"],
     "concept+attr": ["train.losses.gan_weight=0"],
     "full+mixed": ["train.p_mixed=0.3"],
-    "full+online": ["train.attribute_masks=online"],
+    "full+online": ["train.noise=fresh", "train.masks=online"],
+    "replay-n4": ["gan_gt.samples_per_prompt=4"],
+    "fresh-no-attr": ["train.noise=fresh", "train.masks=online", "train.losses.token_weight=0",
+                      "train.losses.pixel_weight=0"],
+    "rank32-600": ["train.noise=fresh", "train.masks=online", "train.lora.rank=32", "train.lora.alpha=32",
+                   "train.max_steps=600"],
 }
 DATA_STAGES = ("world", "prompts", "gan_gt", "masks")
 
@@ -83,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     results = {"variants": {}, "seconds": seconds, "device": _device()}
     for name in names:
         cfg = config(name)
+        for stage in cfg.stage_order():  # a variant may change the data (gan_gt samples) or drop the masks stage
+            if stage in DATA_STAGES:
+                run_stage(cfg, store, stage)
         train_s = _timed(lambda: run_stage(cfg, store, "train"), f"{name}: train")
         eval_s = _timed(lambda: run_stage(cfg, store, "evaluate"), f"{name}: evaluate")
         from comat_core.stages.registry import compute_key

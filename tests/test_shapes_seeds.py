@@ -72,3 +72,13 @@ def test_pairs_not_in_every_run_are_left_out(seeds):
 def test_a_root_without_an_evaluate_output_is_one_clear_error(seeds, tmp_path):
     with pytest.raises(SystemExit, match="has no completed evaluate output"):
         seeds.main(["--runs", str(tmp_path), "--out", str(tmp_path / "out")])
+
+
+def test_a_run_names_one_evaluate_output_where_a_root_holds_several(seeds):
+    """A root that also holds ablations is named as ROOT/evaluate/KEY; a bare root (local or URL) stays whole."""
+    assert seeds.split_run("/runs/s42/evaluate/82b9b3a43bcef17c") == ("/runs/s42", "82b9b3a43bcef17c")
+    assert seeds.split_run("s3://bucket/s42/evaluate/abc/") == ("s3://bucket/s42", "abc")
+    assert seeds.split_run("/runs/s42") == ("/runs/s42", None)
+    assert seeds.split_run("/runs/evaluate/x/y") == ("/runs/evaluate/x/y", None)
+    with pytest.raises(SystemExit, match="not a completed evaluate output"):
+        seeds.load_run("/nonexistent-root/evaluate/0000")
