@@ -41,11 +41,10 @@ CATEGORIES = ("shapes", "shapes_new")
 def reading(verdict) -> str | None:
     """The judge's reading of a two-object image as a prompt of the world's template (None if not two clean objects)."""
     from comat_core.worlds.shapes.splits import two_object_prompt
+    from shapes_teacher_probe import two_clean_objects
 
-    if len(verdict.found) != 2 or any(f.shape is None for f in verdict.found):
-        return None
-    (c1, s1), (c2, s2) = ((f.colour, f.shape) for f in verdict.found)
-    return two_object_prompt((c1, s1), (c2, s2))
+    pair = two_clean_objects(verdict.found)
+    return two_object_prompt(*pair) if pair else None
 
 
 def within_prompt_auc(rows: list[dict], kind: str) -> tuple[float, int]:

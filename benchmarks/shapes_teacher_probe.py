@@ -49,6 +49,13 @@ def caption_losses(loss_fn, images: np.ndarray, true: list[str], swapped: list[s
     return np.concatenate(a), np.concatenate(b)
 
 
+def two_clean_objects(found) -> tuple[tuple[str, str], tuple[str, str]] | None:
+    """The (colour, shape) of each of exactly two recognised objects the judge found, else None."""
+    if len(found) != 2 or any(f.shape is None for f in found):
+        return None
+    return (found[0].colour, found[0].shape), (found[1].colour, found[1].shape)
+
+
 def judged_pairs(images: list[np.ndarray]) -> tuple[list[int], list[str], list[str]]:
     """Images the judge reads as two clean objects of different colours and shapes: index, reading, swap."""
     from comat_core.worlds.shapes import judge
@@ -56,10 +63,10 @@ def judged_pairs(images: list[np.ndarray]) -> tuple[list[int], list[str], list[s
 
     keep, true, swapped = [], [], []
     for i, image in enumerate(images):
-        found = judge.segment(image)
-        if len(found) != 2 or any(f.shape is None for f in found):
+        pair = two_clean_objects(judge.segment(image))
+        if pair is None:
             continue
-        (c1, s1), (c2, s2) = ((f.colour, f.shape) for f in found)
+        (c1, s1), (c2, s2) = pair
         if c1 == c2 or s1 == s2:
             continue
         keep.append(i)
