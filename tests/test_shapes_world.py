@@ -255,6 +255,28 @@ def test_smoke_world_build_is_deterministic_and_loadable(tmp_path):
     assert type(model).__name__ == "BlipForConditionalGeneration"
 
 
+def test_refining_a_saved_world_equals_building_with_the_refinement(tmp_path):
+    """Phase 3 run alone on a saved world (``--refine-from``) gives the weights a build from scratch with
+    ``refine_steps`` gives, byte for byte; a saved world built with other settings is refused."""
+    from comat_core.worlds.shapes.build import WorldConfig, build_world, refine_saved_world
+
+    plain, refined = WorldConfig.smoke(), WorldConfig.smoke(refine_steps=2, refine_text=True)
+    build_world(plain, tmp_path / "plain")
+    world = refine_saved_world(refined, tmp_path / "plain", tmp_path / "later")
+    build_world(refined, tmp_path / "scratch")
+    files = sorted(p.relative_to(tmp_path / "scratch") for p in (tmp_path / "scratch").rglob("*.safetensors"))
+    assert len(files) == 4
+    for rel in files:
+        assert (tmp_path / "later" / rel).read_bytes() == (tmp_path / "scratch" / rel).read_bytes(), rel
+    assert world["config"]["refine_steps"] == 2 and "unet_refine_loss" in world["metrics"]
+    plain_bytes = (tmp_path / "plain" / "base" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert plain_bytes != (tmp_path / "later" / "base" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="swap_p"):
+        refine_saved_world(WorldConfig.smoke(refine_steps=2, swap_p=0.3), tmp_path / "plain", tmp_path / "bad")
+    with pytest.raises(ValueError, match="refined already"):
+        refine_saved_world(refined, tmp_path / "later", tmp_path / "twice")
+
+
 def test_shipped_world_is_the_default_build_and_records_its_gates():
     """The pretrained world in the package is ``WorldConfig()``'s (so the preset copies it), records every
     gate and whether it is met, and its base model draws clean single objects; its captioner binds."""

@@ -110,6 +110,7 @@ def train_base_part(config: WorldConfig, vae, out_dir: Path, metrics: dict, prog
 
     Phase ``unet`` trains the UNet and the text encoder together; with ``freeze_text_after`` set it
     stops there and phase ``unet_frozen_text`` goes on from the EMA weights with the text encoder frozen.
+    With ``refine_steps`` set, phase ``unet_refine`` (``refine_phase``) goes on from there.
     """
     seed = config.seed
     data = base_dataset(config.base_images, seed + 200, config.base_object_counts, design=config.pair_design,
@@ -131,9 +132,69 @@ def train_base_part(config: WorldConfig, vae, out_dir: Path, metrics: dict, prog
             unet, text_encoder, tokenizer, latents * scale, data.captions, steps=config.unet_steps - joint,
             seed=seed + 204, train_text=False, phase="unet_frozen_text", **common)
         metrics.update(frozen_metrics)
+    if config.refine_steps:
+        unet, text_encoder = refine_phase(config, unet, text_encoder, tokenizer, latents * scale, data.captions,
+                                          metrics, progress)
     loose = 0 if data.exact is None else sum(a != b for a, b in zip(data.captions, data.exact))
     metrics.update(vae_scaling_factor=scale, loose_captions=loose / len(data.captions))
     return base_model.save_pipeline(out_dir, vae, text_encoder, tokenizer, unet)
+
+
+def refine_phase(config: WorldConfig, unet, text_encoder, tokenizer, latents: torch.Tensor, captions: list[str],
+                 metrics: dict, progress: Progress = _quiet):
+    """Phase 3, ``unet_refine`` (seed ``seed + 205``): ``refine_steps`` more denoising steps from the EMA
+    weights of the phases before, at ``refine_lr`` with a fresh one-cycle schedule; the text encoder
+    trains only with ``refine_text``. Returns the EMA ``(unet, text_encoder)``."""
+    unet, text_encoder, refine_metrics = base_model.train_unet(
+        unet, text_encoder, tokenizer, latents, captions, steps=config.refine_steps, batch_size=config.unet_batch,
+        lr=config.refine_lr, ema_decay=config.ema_decay, seed=config.seed + 205, train_text=config.refine_text,
+        phase="unet_refine", progress=progress)
+    metrics.update(refine_metrics)
+    return unet, text_encoder
+
+
+def refine_saved_world(config: WorldConfig, source: Path, out_dir: Path, progress: Progress = _quiet) -> dict:
+    """Phase 3 alone on a saved world built with ``config`` less its refinement: renders the same base
+    data, encodes it with the saved VAE (the latents and scale the build had), refines the saved base,
+    copies the captioner, measures, and writes ``out_dir/world.json``. Equal to building ``config``
+    from scratch (same torch build and threads), at the cost of phase 3 and the measurement alone."""
+    import shutil
+
+    from comat_core.worlds.shapes.measure import load_base
+
+    source, out_dir = Path(source), Path(out_dir)
+    record = json.loads((source / "world.json").read_text(encoding="utf-8"))
+    refinement = ("refine_steps", "refine_lr", "refine_text")
+    expected = {k: v for k, v in config.model_dump(mode="json").items() if k not in refinement}
+    built = {**expected, **{k: v for k, v in record["config"].items() if k in expected}}
+    if record["config"].get("refine_steps"):
+        raise ValueError(f"{source} is refined already: refine only a world built without phase 3")
+    if built != expected:
+        changed = sorted(k for k in expected if built[k] != expected[k])
+        raise ValueError(f"{source} was built with other settings than the config less its refinement: {changed}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            clock = time.time()
+            pipe = load_base(source / "base")
+            data = base_dataset(config.base_images, config.seed + 200, config.base_object_counts,
+                                design=config.pair_design, swap_p=config.swap_p, size_ranges=config.size_ranges)
+            latents = base_model.encode(pipe.vae, data.images) * pipe.vae.config.scaling_factor
+            metrics = {k: v for k, v in record["metrics"].items() if k not in ("base", "gates", "gates_met")}
+            unet, text_encoder = refine_phase(config, pipe.unet, pipe.text_encoder, pipe.tokenizer, latents,
+                                              data.captions, metrics, progress)
+            base_model.save_pipeline(out_dir / "base", pipe.vae, text_encoder, pipe.tokenizer, unet)
+            shutil.copytree(source / "captioner", out_dir / "captioner", dirs_exist_ok=True)
+            times = {**record["seconds"], "refine": time.time() - clock}
+            clock = time.time()
+            metrics.update(measure_world(out_dir, config, progress))
+            times["measure"] = time.time() - clock
+    finally:
+        torch.set_num_threads(threads)
+    world = world_record(config, metrics, times)
+    (out_dir / "world.json").write_text(json.dumps(world, indent=1) + "\n")
+    return world
 
 
 def train_captioner_part(config: WorldConfig, out_dir: Path, metrics: dict, progress: Progress = _quiet) -> Path:
@@ -157,6 +218,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--smoke", action="store_true", help="the CI-sized build (about a minute)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--refine-from", type=Path, metavar="WORLD_DIR",
+                        help="run phase 3 (refine_steps > 0) alone on WORLD_DIR, a world built with the same "
+                             "settings less the refinement, instead of building from scratch")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a WorldConfig field (value as JSON; a bare word is a string)")
     args = parser.parse_args(argv)
@@ -172,7 +236,12 @@ def main(argv: list[str] | None = None) -> None:
     def show(phase: str, step: int, total: int, info: dict) -> None:
         print(f"{phase} {step}/{total} {info}", flush=True)
 
-    world = build_world(config, args.out_dir, show)
+    if args.refine_from is not None:
+        if not config.refine_steps:
+            parser.error("--refine-from needs --set refine_steps=N with N > 0")
+        world = refine_saved_world(config, args.refine_from, args.out_dir, show)
+    else:
+        world = build_world(config, args.out_dir, show)
     base_grid(args.out_dir / "base", config).save(args.out_dir / "base_grid.png")
     print(json.dumps({"metrics": world["metrics"], "seconds": world["seconds"]}, indent=1))
 

@@ -50,6 +50,10 @@ class WorldConfig(BaseModel):
     freeze_text_after: int | None = Field(
         1500, ge=0, description="train the text encoder with the UNet for this many steps, then freeze it and "
         "train the UNet alone (None: jointly throughout, version 2)")
+    refine_steps: int = Field(0, ge=0, description="phase 3 (0: none): after both phases the UNet goes on from "
+                              "their EMA weights for this many more steps at refine_lr, with a fresh schedule")
+    refine_lr: float = Field(5e-4, gt=0)
+    refine_text: bool = Field(False, description="phase 3 trains the text encoder too (False: it stays frozen)")
     unet_batch: int = Field(64, ge=1)
     unet_lr: float = Field(1e-3, gt=0)
     unet_widths: tuple[int, ...] = (32, 64, 64)
