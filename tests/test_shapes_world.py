@@ -260,7 +260,7 @@ def test_refining_a_saved_world_equals_building_with_the_refinement(tmp_path):
     ``refine_steps`` gives, byte for byte; a saved world built with other settings is refused."""
     from comat_core.worlds.shapes.build import WorldConfig, build_world, refine_saved_world
 
-    plain, refined = WorldConfig.smoke(), WorldConfig.smoke(refine_steps=2, refine_text=True)
+    plain, refined = WorldConfig.smoke(refine_steps=0), WorldConfig.smoke(refine_steps=2, refine_text=False)
     build_world(plain, tmp_path / "plain")
     world = refine_saved_world(refined, tmp_path / "plain", tmp_path / "later")
     build_world(refined, tmp_path / "scratch")
@@ -272,7 +272,7 @@ def test_refining_a_saved_world_equals_building_with_the_refinement(tmp_path):
     plain_bytes = (tmp_path / "plain" / "base" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert plain_bytes != (tmp_path / "later" / "base" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     with pytest.raises(ValueError, match="swap_p"):
-        refine_saved_world(WorldConfig.smoke(refine_steps=2, swap_p=0.3), tmp_path / "plain", tmp_path / "bad")
+        refine_saved_world(refined.model_copy(update=dict(swap_p=0.3)), tmp_path / "plain", tmp_path / "bad")
     with pytest.raises(ValueError, match="refined already"):
         refine_saved_world(refined, tmp_path / "later", tmp_path / "twice")
 

@@ -12,12 +12,15 @@ from comat_core.worlds.shapes.render import IMAGE_SIZE, SIZE_RANGES
 WORLD_VERSION = 3  # bump when the world's rendering or recipe changes meaning
 
 class WorldConfig(BaseModel):
-    """Sizes, steps and seeds of a world build (defaults: version 3, about 80 min on one core at one thread).
+    """Sizes, steps and seeds of a world build (defaults: version 3, about 2.5-3 hours on one core at one
+    thread: the shipped world is copied, so users never pay it).
 
     Version 3 (the defaults): 16x16 latents (a VAE with two downsamplings), objects of 16-26 px,
     every colour-shape pair equally common, loose multi-object captions (``swap_p``) and a text
     encoder trained with the UNet for ``freeze_text_after`` steps, then frozen while the UNet goes on
-    (as CLIP is frozen while Stable Diffusion's UNet learns). ``WorldConfig.version2()`` is the
+    (as CLIP is frozen while Stable Diffusion's UNet learns); then phase 3, ``refine_steps`` more
+    steps of UNet and text encoder at ``refine_lr`` with a fresh schedule, which took held-out binding
+    from 0.16 to 0.48 and shape recall from 0.57 to 0.78 (a second, lower-lr pilot: 0.37 / 0.74). ``WorldConfig.version2()`` is the
     previous world (8x8 latents, a Latin square of seen/rare/unseen pairs, exact captions).
     """
 
@@ -50,10 +53,11 @@ class WorldConfig(BaseModel):
     freeze_text_after: int | None = Field(
         1500, ge=0, description="train the text encoder with the UNet for this many steps, then freeze it and "
         "train the UNet alone (None: jointly throughout, version 2)")
-    refine_steps: int = Field(0, ge=0, description="phase 3 (0: none): after both phases the UNet goes on from "
-                              "their EMA weights for this many more steps at refine_lr, with a fresh schedule")
-    refine_lr: float = Field(5e-4, gt=0)
-    refine_text: bool = Field(False, description="phase 3 trains the text encoder too (False: it stays frozen)")
+    refine_steps: int = Field(2500, ge=0, description="phase 3 (0: none): after both phases the UNet goes on from "
+                              "their EMA weights for this many more steps at refine_lr, with a fresh schedule "
+                              "(the shipped world: 2500 at 1e-3 with the text encoder)")
+    refine_lr: float = Field(1e-3, gt=0)
+    refine_text: bool = Field(True, description="phase 3 trains the text encoder too (False: it stays frozen)")
     unet_batch: int = Field(64, ge=1)
     unet_lr: float = Field(1e-3, gt=0)
     unet_widths: tuple[int, ...] = (32, 64, 64)
@@ -81,7 +85,7 @@ class WorldConfig(BaseModel):
         """The version-2 world's recipe (8x8 latents, Latin-square pairs, exact captions, joint text encoder)."""
         values = dict(size_ranges={k: tuple(map(float, v)) for k, v in SIZE_RANGES.items()}, pair_design="latin",
                       swap_p=0.0, vae_widths=(16, 32, 32, 32), base_object_counts=(0.3, 0.55, 0.15), unet_steps=3200,
-                      freeze_text_after=None, unet_widths=(32, 64))
+                      freeze_text_after=None, unet_widths=(32, 64), refine_steps=0)
         return cls(**{**values, **overrides})
 
     @model_validator(mode="after")
@@ -108,7 +112,7 @@ class WorldConfig(BaseModel):
     def smoke(cls, **overrides) -> "WorldConfig":
         """A tiny build for CI: every part runs, nothing is expected to be good."""
         values = dict(vae_images=64, vae_steps=3, vae_batch=8, base_images=64, unet_steps=3, freeze_text_after=2,
-                      unet_batch=8,
+                      unet_batch=8, refine_steps=2,
                       captioner_images=64, captioner_steps=3, captioner_batch=8, n_eval_prompts=4, probe_seeds=1,
                       probe_steps=2, captioner_probe=10)
         return cls(**{**values, **overrides})
