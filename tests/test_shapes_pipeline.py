@@ -72,6 +72,38 @@ def test_a_world_setting_changes_every_key_downstream(smoke_run, tmp_path):
     assert compute_key(other, store, "world") != results["world"].key
 
 
+def test_the_world_key_holds_the_shipped_models_content_and_every_setting(tmp_path, monkeypatch):
+    """Replacing the shipped world (same settings file, other weights) or changing a WorldConfig default
+    must give a new world key: the local model cache lives under it, and an old key served old weights."""
+    import shutil
+
+    from comat_core.stages import world
+    from comat_core.stages.registry import compute_key
+    from comat_core.worlds.shapes.settings import WorldConfig
+
+    cfg = load_config("shapes", extra={"storage": {"root": str(tmp_path / "store")}})
+    store = ArtifactStore(cfg.storage.root)
+    shipped = tmp_path / "pretrained"
+    shutil.copytree(world.shipped_dir(), shipped)
+    monkeypatch.setattr(world, "shipped_dir", lambda: shipped)
+    before = compute_key(cfg, store, "world")
+    weights = shipped / "base" / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert world.shipped_matches(WorldConfig()) and compute_key(cfg, store, "world") != before
+    retrained = load_config("shapes", overrides=["world.use_shipped=false"], extra={"storage": {"root": str(tmp_path)}})
+    key = compute_key(retrained, store, "world")
+    monkeypatch.setattr(WorldConfig.model_fields["refine_steps"], "default", 7)
+    WorldConfig.model_rebuild(force=True)
+    try:
+        assert WorldConfig().refine_steps == 7 and compute_key(retrained, store, "world") != key
+    finally:
+        monkeypatch.undo()
+        WorldConfig.model_rebuild(force=True)
+    assert WorldConfig().refine_steps != 7
+
+
 def test_shipped_prompt_files_are_the_worlds_split():
     from comat_core.stages.prompts import DATA_DIR
     from comat_core.worlds.shapes.prompt_files import prompt_files

@@ -144,6 +144,10 @@ def stage_config(cfg: ComatConfig, stage: str) -> dict:
     out = {"section": section, "models": models, "runtime": runtime}
     if stage == "train" and not cfg.train.offline_masks:  # the segmenter's settings, in place of the masks stage
         out["segmenter"] = cfg.masks.model_dump(mode="json")
+    if stage == "world":
+        from comat_core.stages.world import key_config
+
+        out["world"] = key_config(cfg)
     if stage == "prompts":
         from comat_core.stages.prompts import sources_fingerprint
 

@@ -68,6 +68,29 @@ def shipped_matches(settings) -> bool:
         return False
 
 
+def shipped_digest() -> str:
+    """sha256 over the shipped folder's files (names and bytes): the shipped models' content, for the key."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    root = shipped_dir()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def key_config(cfg: ComatConfig) -> dict:
+    """What the world stage adds to its key: every build setting as resolved (so a changed default is a
+    new key, not only a changed override) and, when the shipped models are copied, their content (so
+    replacing the shipped world never hits an old world's key, nor the local model cache under it)."""
+    if cfg.world.kind != "shapes":
+        return {}
+    settings = world_settings(cfg)
+    copied = cfg.world.use_shipped and shipped_matches(settings)
+    return {"settings": settings.model_dump(mode="json"), "shipped": shipped_digest() if copied else None}
+
+
 def run(ctx) -> dict:
     """Stage entry point (see comat_core.stages.registry)."""
     settings = world_settings(ctx.cfg)
