@@ -69,15 +69,12 @@ def shipped_matches(settings) -> bool:
 
 
 def shipped_digest() -> str:
-    """sha256 over the shipped folder's files (names and bytes): the shipped models' content, for the key."""
-    import hashlib
+    """The shipped folder's content as the store digests a stage's output: sha256 of its ``{file: sha256}``."""
+    from comat_core.store.storage import canonical_json, sha256_bytes
 
-    digest = hashlib.sha256()
     root = shipped_dir()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
+    files = {p.relative_to(root).as_posix(): sha256_bytes(p.read_bytes()) for p in root.rglob("*") if p.is_file()}
+    return sha256_bytes(canonical_json(files))
 
 
 def key_config(cfg: ComatConfig) -> dict:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -49,13 +50,25 @@ def build_world(config: WorldConfig, out_dir: Path, progress: Progress = _quiet)
     """Build the world into ``out_dir`` (see the module docstring); returns what ``world.json`` holds."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with _pinned(config):
+        metrics, times = _build(config, out_dir, progress)
+    return write_record(config, out_dir, metrics, times)
+
+
+@contextmanager
+def _pinned(config: WorldConfig):
+    """``config.threads`` torch threads and a forked RNG while a world trains (part of what makes it reproducible)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
         with torch.random.fork_rng(devices=[]):
-            metrics, times = _build(config, out_dir, progress)
+            yield
     finally:
         torch.set_num_threads(threads)
+
+
+def write_record(config: WorldConfig, out_dir: Path, metrics: dict, times: dict) -> dict:
+    """Write ``out_dir/world.json`` (``world_record``) and return what it holds."""
     world = world_record(config, metrics, times)
     (out_dir / "world.json").write_text(json.dumps(world, indent=1) + "\n")
     return world
@@ -172,29 +185,22 @@ def refine_saved_world(config: WorldConfig, source: Path, out_dir: Path, progres
     if built != expected:
         changed = sorted(k for k in expected if built[k] != expected[k])
         raise ValueError(f"{source} was built with other settings than the config less its refinement: {changed}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            clock = time.time()
-            pipe = load_base(source / "base")
-            data = base_dataset(config.base_images, config.seed + 200, config.base_object_counts,
-                                design=config.pair_design, swap_p=config.swap_p, size_ranges=config.size_ranges)
-            latents = base_model.encode(pipe.vae, data.images) * pipe.vae.config.scaling_factor
-            metrics = {k: v for k, v in record["metrics"].items() if k not in ("base", "gates", "gates_met")}
-            unet, text_encoder = refine_phase(config, pipe.unet, pipe.text_encoder, pipe.tokenizer, latents,
-                                              data.captions, metrics, progress)
-            base_model.save_pipeline(out_dir / "base", pipe.vae, text_encoder, pipe.tokenizer, unet)
-            shutil.copytree(source / "captioner", out_dir / "captioner", dirs_exist_ok=True)
-            times = {**record["seconds"], "refine": time.time() - clock}
-            clock = time.time()
-            metrics.update(measure_world(out_dir, config, progress))
-            times["measure"] = time.time() - clock
-    finally:
-        torch.set_num_threads(threads)
-    world = world_record(config, metrics, times)
-    (out_dir / "world.json").write_text(json.dumps(world, indent=1) + "\n")
-    return world
+    with _pinned(config):
+        clock = time.time()
+        pipe = load_base(source / "base")
+        data = base_dataset(config.base_images, config.seed + 200, config.base_object_counts,
+                            design=config.pair_design, swap_p=config.swap_p, size_ranges=config.size_ranges)
+        latents = base_model.encode(pipe.vae, data.images) * pipe.vae.config.scaling_factor
+        metrics = {k: v for k, v in record["metrics"].items() if k not in ("base", "gates", "gates_met")}
+        unet, text_encoder = refine_phase(config, pipe.unet, pipe.text_encoder, pipe.tokenizer, latents,
+                                          data.captions, metrics, progress)
+        base_model.save_pipeline(out_dir / "base", pipe.vae, text_encoder, pipe.tokenizer, unet)
+        shutil.copytree(source / "captioner", out_dir / "captioner", dirs_exist_ok=True)
+        times = {**record["seconds"], "refine": time.time() - clock}
+        clock = time.time()
+        metrics.update(measure_world(out_dir, config, progress))
+        times["measure"] = time.time() - clock
+    return write_record(config, out_dir, metrics, times)
 
 
 def train_captioner_part(config: WorldConfig, out_dir: Path, metrics: dict, progress: Progress = _quiet) -> Path:
