@@ -187,6 +187,10 @@ class LoraConfig(_Section):
 
 class LossConfig(_Section):
     concept_weight: float = Field(1.0, ge=0)
+    concept_reward: Literal["captioner", "shapes_judge"] = Field(
+        "captioner", description="what the concept term scores. captioner (CoMat): the captioner's loss for the prompt. "
+                                 "shapes_judge (a diagnostic of the shapes world, never CoMat): the squared error to the "
+                                 "judge's corrected image, a reward right by construction (comat_core/worlds/shapes/oracle.py)")
     token_weight: float = Field(1e-3, ge=0)
     pixel_weight: float = Field(5e-5, ge=0)
     gan_weight: float = Field(1.0, ge=0, description="1.0 for SD1.5, 0.5 for SDXL (docs/method.md §5)")
@@ -330,6 +334,8 @@ class TrainConfig(_Section):
         if legacy is not None:  # the two combinations the old single field named keep their keys
             del out["noise"], out["masks"]
             out["attribute_masks"] = legacy
+        if out["losses"]["concept_reward"] == "captioner":  # CoMat's reward keeps the keys made before the field
+            del out["losses"]["concept_reward"]
         for name in LAUNCH_FIELDS + PERF_FIELDS:
             out[name] = type(self).model_fields[name].default
         return out
@@ -417,6 +423,9 @@ class ComatConfig(_Section):
         uses = [f"models.{k}" for k, v in self.models.model_dump().items() if isinstance(v, str) and v.startswith(WORLD_SCHEME)]
         if uses and self.world.kind == "none":
             raise ValueError(f"{', '.join(uses)} name world:// models but world.kind is none; set world.kind=shapes")
+        if self.train.losses.concept_reward == "shapes_judge" and self.world.kind != "shapes":
+            raise ValueError("train.losses.concept_reward=shapes_judge scores images with the shapes world's judge; "
+                             "it needs world.kind=shapes (the shapes preset)")
         return self
 
 

@@ -31,6 +31,8 @@ class TrainingSources:
     resolution, samples) -> list[list[EntityMask]]`` (offline masks, or None); ``samples(prompt_id)``:
     the sample indices stored for a prompt. ``segment(images, records, resolution)`` segments online
     images into, per image, its ``EntityMask`` list at ``resolution`` (online masks, or None).
+    ``concept(images01, prompts, generator) -> scalar``: a concept term in place of the captioner's
+    (the shapes world's judge oracle, ``train.losses.concept_reward: shapes_judge``), or None.
     """
 
     prompts: list[dict]
@@ -39,6 +41,7 @@ class TrainingSources:
     seeds: Callable[[list[str], list[int]], list[int]] | None = None
     samples: Callable[[str], list[int]] | None = None
     segment: Callable[[torch.Tensor, list[dict], int], list[list[Any]]] | None = None
+    concept: Callable[[torch.Tensor, list[str], torch.Generator], torch.Tensor] | None = None
 
 
 @dataclass

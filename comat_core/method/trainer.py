@@ -91,8 +91,12 @@ def make_accelerator(cfg: ComatConfig, project_dir: str | Path | None = None):
                        project_dir=str(project_dir) if project_dir else None)
 
 
-def build_training(cfg: ComatConfig, accelerator=None, unet_override: str | None = None) -> Training:
-    """Load the frozen models, inject the LoRAs, build losses, optimisers, schedulers and scalers."""
+def build_training(cfg: ComatConfig, accelerator=None, unet_override: str | None = None,
+                   concept_override=None) -> Training:
+    """Load the frozen models, inject the LoRAs, build losses, optimisers, schedulers and scalers.
+
+    ``concept_override``: a concept term to use in place of the captioner's (``TrainingSources.concept``).
+    """
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
@@ -120,7 +124,9 @@ def build_training(cfg: ComatConfig, accelerator=None, unet_override: str | None
         attribute_steps_with_replacement=lc.attribute_steps_with_replacement, p_mixed=tc.p_mixed,
         gradient_checkpointing=tc.gradient_checkpointing)
     concept = None
-    if lc.concept_weight > 0:
+    if lc.concept_weight > 0 and concept_override is not None:
+        concept = concept_override
+    elif lc.concept_weight > 0:
         model, processor = load_captioner(cfg.models.captioner, dtype=dtype, device=device, field="models.captioner")
         concept = ConceptActivationLoss(model, processor, lc.caption_prefix, lc.label_smoothing, lc.crop_max)
     attention = None
@@ -366,7 +372,7 @@ def train(cfg: ComatConfig, sources: TrainingSources, writer: StageWriter, scrat
     t_start = time.time()
     tc = cfg.train
     accelerator = make_accelerator(cfg, Path(scratch) / "logs")
-    tr = build_training(cfg, accelerator, unet_override)
+    tr = build_training(cfg, accelerator, unet_override, concept_override=sources.concept)
     data = TrainingData(sources, tr.backbone.latent_shape()[-1], tc.losses.drop_undetected_nouns,
                         with_targets=tr.attention is not None, seed=tc.seed)
     order = PromptOrder(len(data), tc.seed)

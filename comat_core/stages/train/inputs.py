@@ -50,7 +50,13 @@ def training_sources(cfg, records: list[dict], gt, masks=None) -> TrainingSource
     else:
         segment = OnlineSegmenter(cfg)
     seeds = gt.seeds if tc.noise == "replay" else None
-    return TrainingSources(records, gt.latents, entity_masks, seeds=seeds, samples=gt.samples, segment=segment)
+    concept = None
+    if tc.losses.concept_reward == "shapes_judge":
+        from comat_core.worlds.shapes.oracle import JudgeTargetLoss
+
+        concept = JudgeTargetLoss()
+    return TrainingSources(records, gt.latents, entity_masks, seeds=seeds, samples=gt.samples, segment=segment,
+                           concept=concept)
 
 
 class OnlineSegmenter:

@@ -133,7 +133,8 @@ def caption(scene: Scene) -> str:
 # Sampling
 
 
-def _overlaps(box: tuple[float, float, float, float], others: list[tuple[float, float, float, float]]) -> bool:
+def boxes_overlap(box: tuple[float, float, float, float], others: list[tuple[float, float, float, float]]) -> bool:
+    """Whether ``box`` (x0, y0, x1, y1) comes within ``MARGIN`` of any of ``others``."""
     x0, y0, x1, y1 = box
     return any(x0 < b[2] + MARGIN and b[0] < x1 + MARGIN and y0 < b[3] + MARGIN and b[1] < y1 + MARGIN for b in others)
 
@@ -162,7 +163,7 @@ def sample_scene(rng: np.random.Generator, pairs: list[tuple[str, str]], *, size
             x = float(rng.uniform(MARGIN + half, image_size - MARGIN - half))
             y = float(rng.uniform(MARGIN + half, image_size - MARGIN - half))
             obj = ObjectSpec(shape, colour, size, x, y, side)
-            if _overlaps(obj.box(), boxes):
+            if boxes_overlap(obj.box(), boxes):
                 break
             objects.append(obj)
             boxes.append(obj.box())

@@ -1,0 +1,103 @@
+"""An oracle reward for the shapes world: the judge's corrected image as a pixel target.
+
+CoMat's concept activation asks a learned captioner how likely the prompt is given the image; when a
+run lowers binding, the fault may lie in that reward (the captioner rewards images that are not
+right) or in the optimisation path (gradients through the sampler into the LoRA, and what a LoRA
+trained on some prompts does to others). This loss replaces the captioner by what the judge knows,
+so the path can be tested with a reward that is right by construction.
+
+For each generated image (detached) the judge finds its objects; each object the prompt names is
+given a place: the largest found object of its colour, else the largest found object left, else
+(none left, or that place would touch one already given) a free spot from a seeded draw. The
+*target* is the world's renderer drawing the prompt's objects, with their right colours and shapes,
+at those places (sides clamped to the world's object sizes). The loss is the mean squared error
+between the image (in [0, 1], with its gradient) and the target; an image the judge reads as right
+is its own target (no pull), any other is pulled toward the nearest right one. It has
+``ConceptActivationLoss``'s call signature, so the trainer uses it in its place
+(``train.losses.concept_reward: shapes_judge``). It is a diagnostic, not CoMat: real prompts have
+no judge.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from comat_core.worlds.shapes.judge import Found, score
+from comat_core.worlds.shapes.render import IMAGE_SIZE, MARGIN, ObjectSpec, Scene, boxes_overlap, render
+from comat_core.worlds.shapes.vocab import parse_prompt
+
+MIN_SIDE, MAX_SIDE = 12.0, 26.0  # a target object's box side, pixels of a 64 px image (the world's object sizes)
+
+
+def _placement(found: Found) -> tuple[float, float, float]:
+    """(x, y, side) of a found object's bounding square, the side clamped to the world's object sizes."""
+    x0, y0, x1, y1 = found.box
+    side = float(np.clip(max(x1 - x0, y1 - y0), MIN_SIDE, MAX_SIDE))
+    return (x0 + x1) / 2, (y0 + y1) / 2, side
+
+
+def _box(x: float, y: float, side: float) -> tuple[float, float, float, float]:
+    return x - side / 2, y - side / 2, x + side / 2, y + side / 2
+
+
+def _free_spot(rng: np.random.Generator, size: int, taken: list) -> tuple[float, float, float]:
+    """A random place whose box keeps the renderer's margin from the boxes ``taken`` (smallest size if crowded)."""
+    for attempt in range(200):
+        side = MIN_SIDE if attempt >= 100 else float(rng.uniform(MIN_SIDE, MAX_SIDE))
+        half = side / 2
+        x, y = (float(rng.uniform(MARGIN + half, size - MARGIN - half)) for _ in range(2))
+        if not boxes_overlap(_box(x, y, side), taken):
+            return x, y, side
+    raise RuntimeError("no free place for another object")  # pragma: no cover - three objects always fit
+
+
+def target_scene(found: list[Found], prompt: str, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Scene:
+    """The prompt's objects, right colour and shape, where the image's found objects stand (see the module).
+
+    A found object's place is taken only if it keeps clear of the places already given (else a free
+    spot), so the target's objects never touch and the judge reads it as right.
+    """
+    left = sorted(found, key=lambda f: -f.area)
+    objects, taken = [], []
+    for obj in parse_prompt(prompt).objects:
+        same = [f for f in left if f.colour == obj.colour]
+        pick = (same or left or [None])[0]
+        place = None
+        if pick is not None:
+            left.remove(pick)
+            place = _placement(pick)
+            if boxes_overlap(_box(*place), taken):
+                place = None
+        x, y, side = place or _free_spot(rng, size, taken)
+        taken.append(_box(x, y, side))
+        objects.append(ObjectSpec(obj.shape, obj.colour, "large", x, y, side))
+    return Scene(tuple(objects), size)
+
+
+class JudgeTargetLoss:
+    """``loss(images01, prompts, generator)``: mean squared error to the judge's corrected images (scalar).
+
+    ``images01``: ``[B, 3, H, W]`` in [0, 1] with autograd (square, the world's 64 px or any size:
+    the judge reads the image as it is). ``generator``: the trainer's CPU generator, for the places
+    of objects the image does not have.
+    """
+
+    def __call__(self, images01: Tensor, prompts: list[str], generator: torch.Generator) -> Tensor:
+        if images01.shape[-1] != images01.shape[-2]:
+            raise ValueError(f"the shapes oracle needs square images, got {tuple(images01.shape[-2:])}")
+        size = images01.shape[-1]
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        rng = np.random.default_rng(seed)
+        images = images01.detach().float().cpu()
+        targets = []
+        for image, prompt in zip(images, prompts):
+            verdict = score(image, prompt)
+            if verdict.binding:  # right already: its own target, no pull
+                targets.append(image)
+                continue
+            drawn = render(target_scene(verdict.found, prompt, rng, size), size)[0]
+            targets.append(torch.from_numpy(drawn).permute(2, 0, 1).float() / 255.0)
+        target = torch.stack(targets).to(images01.device)
+        return (images01.float() - target).square().mean()
