@@ -25,6 +25,8 @@ Variants (ablations of the loss terms and of the method's decisions):
   replay-n4     full, four gan_gt samples (seeds, latents, masks) per prompt instead of one
   fresh-no-attr fresh noise, no attribute concentration (concept activation + GAN)
   rank32-600    full+online, LoRA rank 32 for 600 steps (longer variants live here, not in the preset)
+  oracle        the judge oracle alone in place of the captioner (a diagnostic: is the reward or the path at fault?)
+  oracle-lr1e-4 the judge oracle alone at lr 1e-4
 
 Writes ``<out>/results.json``, ``<out>/results.md`` (the tables) and ``<out>/curve.png``.
 """
@@ -51,7 +53,10 @@ VARIANTS = {
                       "train.losses.pixel_weight=0"],
     "rank32-600": ["train.noise=fresh", "train.masks=online", "train.lora.rank=32", "train.lora.alpha=32",
                    "train.max_steps=600"],
+    "oracle": ["train.losses.concept_reward=shapes_judge", "train.losses.token_weight=0", "train.losses.pixel_weight=0",
+               "train.losses.gan_weight=0"],
 }
+VARIANTS["oracle-lr1e-4"] = VARIANTS["oracle"] + ["train.learning_rate=1e-4"]
 DATA_STAGES = ("world", "prompts", "gan_gt", "masks")
 
 

@@ -15,6 +15,7 @@ can only transfer what the captioner knows.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -77,10 +78,13 @@ def _training_loss(loss_fn: ConceptActivationLoss, images01: torch.Tensor, capti
 
 
 def train_captioner(model, processor, images: np.ndarray, captions: list[str], *, steps: int, batch_size: int,
-                    lr: float, seed: int, device: str = "cpu", progress: Progress = _quiet) -> dict:
+                    lr: float, seed: int, device: str = "cpu", progress: Progress = _quiet,
+                    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None) -> dict:
     """Train ``model`` in place with the concept loss on (render, caption) pairs; returns metrics.
 
-    ``device`` only moves the arithmetic (the crop offsets are drawn on the CPU either way)."""
+    ``device`` only moves the arithmetic (the crop offsets are drawn on the CPU either way).
+    ``augment(images01, generator)``: changes each batch's images before the loss (None: the world's
+    recipe, renders as they are)."""
     model.to(device)
     loss_fn = ConceptActivationLoss(model, processor, prefix=PREFIX, label_smoothing=LABEL_SMOOTHING)
     rng = np.random.default_rng(seed)
@@ -91,7 +95,10 @@ def train_captioner(model, processor, images: np.ndarray, captions: list[str], *
     start, loss_avg = time.time(), None
     for step in range(steps):
         idx = rng.integers(0, len(images), batch_size)
-        loss = _training_loss(loss_fn, to_unit(images[idx]).to(device), [captions[i] for i in idx], gen)
+        batch = to_unit(images[idx])
+        if augment is not None:
+            batch = augment(batch, gen)
+        loss = _training_loss(loss_fn, batch.to(device), [captions[i] for i in idx], gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
