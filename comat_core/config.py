@@ -190,7 +190,7 @@ class LossConfig(_Section):
     concept_reward: Literal["captioner", "shapes_judge"] = Field(
         "captioner", description="what the concept term scores. captioner (CoMat): the captioner's loss for the prompt. "
                                  "shapes_judge (a diagnostic of the shapes world, never CoMat): the squared error to the "
-                                 "judge's corrected image, a reward right by construction (comat_core/worlds/shapes/oracle.py)")
+                                 "judge's corrected image, right at its minimum (comat_core/worlds/shapes/oracle.py)")
     token_weight: float = Field(1e-3, ge=0)
     pixel_weight: float = Field(5e-5, ge=0)
     gan_weight: float = Field(1.0, ge=0, description="1.0 for SD1.5, 0.5 for SDXL (docs/method.md §5)")
