@@ -1,6 +1,6 @@
 """Does a CoMat LoRA of the shapes world generalise beyond the noise it was trained from?
 
-With ``train.attribute_masks: gt_noise`` and ``gan_gt.samples_per_prompt: 1`` every training prompt
+With ``train.noise: replay`` and ``gan_gt.samples_per_prompt: 1`` every training prompt
 always starts from the same initial noise (its ground-truth sample's). A LoRA can then improve the
 training images without learning anything that carries to other seeds. This probe draws the training
 prompts with the base model and with a trained LoRA twice: from the training seeds (the ``gan_gt``
