@@ -30,13 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def reconstructions(vae, images) -> "np.ndarray":
-    """The VAE's reconstructions of uint8 images (what the world's decoder makes of them)."""
-    from comat_core.worlds.shapes.base_model import decode, encode
-
-    return decode(vae, encode(vae, images) * vae.config.scaling_factor)
-
-
 def make_augment(noise: float):
     """``augment(images01, generator)``: add Gaussian noise, its std uniform in [0, noise] per image."""
 
@@ -60,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import AutoencoderKL
 
     from comat_core.worlds.shapes import PRETRAINED, captioner
+    from comat_core.worlds.shapes.base_model import reconstruct
     from comat_core.worlds.shapes.data import captioner_dataset
     from comat_core.worlds.shapes.settings import WorldConfig
 
@@ -71,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(config.seed + 303)
     soft = rng.random(len(data.images)) < args.vae_share
     images = data.images.copy()
-    images[soft] = reconstructions(vae, data.images[soft])
+    images[soft] = reconstruct(vae, data.images[soft])
     print(f"{int(soft.sum())} of {len(images)} training images are VAE reconstructions", flush=True)
     model, processor = captioner.build_captioner(config.seed + 301, config.captioner_hidden, config.captioner_layers)
 

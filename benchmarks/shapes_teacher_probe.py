@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     renders, true, swapped = swap_test_set(args.renders, seed=12345)
     record("renders", renders, true, swapped, len(renders))
     vae = load_base(world / "base").vae
-    recon = base_model.decode(vae, base_model.encode(vae, renders) * vae.config.scaling_factor)
+    recon = base_model.reconstruct(vae, renders)
     record("vae", recon, true, swapped, len(recon))
     keep, true_v, swapped_v = judged_pairs(list(recon))  # the VAE's images the judge still reads exactly
     record("vae, judged", recon[keep], true_v, swapped_v, len(recon))

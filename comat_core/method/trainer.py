@@ -124,11 +124,11 @@ def build_training(cfg: ComatConfig, accelerator=None, unet_override: str | None
         attribute_steps_with_replacement=lc.attribute_steps_with_replacement, p_mixed=tc.p_mixed,
         gradient_checkpointing=tc.gradient_checkpointing)
     concept = None
-    if lc.concept_weight > 0 and concept_override is not None:
+    if lc.concept_weight > 0:
         concept = concept_override
-    elif lc.concept_weight > 0:
-        model, processor = load_captioner(cfg.models.captioner, dtype=dtype, device=device, field="models.captioner")
-        concept = ConceptActivationLoss(model, processor, lc.caption_prefix, lc.label_smoothing, lc.crop_max)
+        if concept is None:
+            model, processor = load_captioner(cfg.models.captioner, dtype=dtype, device=device, field="models.captioner")
+            concept = ConceptActivationLoss(model, processor, lc.caption_prefix, lc.label_smoothing, lc.crop_max)
     attention = None
     if (lc.token_weight > 0 or lc.pixel_weight > 0) and lc.attribute_steps > 0:
         attention = AttentionCapture(backbone.unet, lc.attention_blocks)

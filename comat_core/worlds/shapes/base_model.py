@@ -115,6 +115,11 @@ def decode(vae, latents: torch.Tensor, batch_size: int = 64) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
+def reconstruct(vae, images: np.ndarray) -> np.ndarray:
+    """The VAE's reconstructions of uint8 ``[N, H, W, 3]`` images (encode to the posterior mean, decode)."""
+    return decode(vae, encode(vae, images) * vae.config.scaling_factor)
+
+
 # ----------------------------------------------------------------------------------------------
 # UNet + text encoder
 

@@ -98,7 +98,7 @@ def category_prompts(seed: int, n_eval: int) -> dict[str, list[str]]:
 def vae_two_object_binding(vae, n: int, seed: int = VAE_PROBE_SEED) -> float:
     """Exact binding, by the judge, of the VAE's reconstructions of ``n`` two-object renders of two
     different pairs (every pair equally likely)."""
-    from comat_core.worlds.shapes.base_model import decode, encode
+    from comat_core.worlds.shapes.base_model import reconstruct
 
     rng = np.random.default_rng(seed)
     pairs = all_pairs()
@@ -108,8 +108,7 @@ def vae_two_object_binding(vae, n: int, seed: int = VAE_PROBE_SEED) -> float:
         scene = sample_scene(rng, [pairs[i], pairs[j]])
         images.append(render(scene)[0])
         captions.append(caption(scene))
-    latents = encode(vae, np.stack(images)) * vae.config.scaling_factor
-    recon = decode(vae, latents)
+    recon = reconstruct(vae, np.stack(images))
     return float(np.mean([judge.score(im, c).binding for im, c in zip(recon, captions)]))
 
 

@@ -26,32 +26,30 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from comat_core.worlds.shapes.judge import Found, score
+from comat_core.worlds.shapes.judge import Found, segment
 from comat_core.worlds.shapes.render import IMAGE_SIZE, MARGIN, ObjectSpec, Scene, boxes_overlap, render
 from comat_core.worlds.shapes.vocab import parse_prompt
 
 MIN_SIDE, MAX_SIDE = 12.0, 26.0  # a target object's box side, pixels of a 64 px image (the world's object sizes)
 
 
-def _placement(found: Found) -> tuple[float, float, float]:
-    """(x, y, side) of a found object's bounding square, the side clamped to the world's object sizes."""
+def _placement(found: Found, colour: str, shape: str) -> ObjectSpec:
+    """The prompt's object in a found object's bounding square, the side clamped to the world's object sizes."""
     x0, y0, x1, y1 = found.box
     side = float(np.clip(max(x1 - x0, y1 - y0), MIN_SIDE, MAX_SIDE))
-    return (x0 + x1) / 2, (y0 + y1) / 2, side
+    return ObjectSpec(shape, colour, "large", (x0 + x1) / 2, (y0 + y1) / 2, side)
 
 
-def _box(x: float, y: float, side: float) -> tuple[float, float, float, float]:
-    return x - side / 2, y - side / 2, x + side / 2, y + side / 2
-
-
-def _free_spot(rng: np.random.Generator, size: int, taken: list) -> tuple[float, float, float]:
-    """A random place whose box keeps the renderer's margin from the boxes ``taken`` (smallest size if crowded)."""
+def _free_spot(rng: np.random.Generator, size: int, taken: list, colour: str, shape: str) -> ObjectSpec:
+    """The prompt's object at a random place whose box keeps the renderer's margin from the boxes ``taken``
+    (smallest size if crowded)."""
     for attempt in range(200):
         side = MIN_SIDE if attempt >= 100 else float(rng.uniform(MIN_SIDE, MAX_SIDE))
         half = side / 2
         x, y = (float(rng.uniform(MARGIN + half, size - MARGIN - half)) for _ in range(2))
-        if not boxes_overlap(_box(x, y, side), taken):
-            return x, y, side
+        spec = ObjectSpec(shape, colour, "large", x, y, side)
+        if not boxes_overlap(spec.box(), taken):
+            return spec
     raise RuntimeError("no free place for another object")  # pragma: no cover - three objects always fit
 
 
@@ -64,17 +62,16 @@ def target_scene(found: list[Found], prompt: str, rng: np.random.Generator, size
     left = sorted(found, key=lambda f: -f.area)
     objects, taken = [], []
     for obj in parse_prompt(prompt).objects:
-        same = [f for f in left if f.colour == obj.colour]
-        pick = (same or left or [None])[0]
-        place = None
+        pick = ([f for f in left if f.colour == obj.colour] or left or [None])[0]
+        spec = None
         if pick is not None:
             left.remove(pick)
-            place = _placement(pick)
-            if boxes_overlap(_box(*place), taken):
-                place = None
-        x, y, side = place or _free_spot(rng, size, taken)
-        taken.append(_box(x, y, side))
-        objects.append(ObjectSpec(obj.shape, obj.colour, "large", x, y, side))
+            spec = _placement(pick, obj.colour, obj.shape)
+            if boxes_overlap(spec.box(), taken):
+                spec = None
+        spec = spec or _free_spot(rng, size, taken, obj.colour, obj.shape)
+        taken.append(spec.box())
+        objects.append(spec)
     return Scene(tuple(objects), size)
 
 
@@ -100,9 +97,8 @@ class JudgeTargetLoss:
         images = images01.detach().float().cpu()
         targets = []
         for image, prompt in zip(images, prompts):
-            verdict = score(image, prompt)
             rng = np.random.default_rng(zlib.crc32(prompt.encode()))  # the same free spots for a prompt at every step
-            drawn = render(target_scene(verdict.found, prompt, rng, size), size)[0]
+            drawn = render(target_scene(segment(image), prompt, rng, size), size)[0]
             targets.append(torch.from_numpy(drawn).permute(2, 0, 1).float() / 255.0)
         target = torch.stack(targets).to(images01.device)
         return (images01.float() - target).square().mean()
