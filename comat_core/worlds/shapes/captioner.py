@@ -79,12 +79,12 @@ def _training_loss(loss_fn: ConceptActivationLoss, images01: torch.Tensor, capti
 
 def train_captioner(model, processor, images: np.ndarray, captions: list[str], *, steps: int, batch_size: int,
                     lr: float, seed: int, device: str = "cpu", progress: Progress = _quiet,
-                    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None) -> dict:
+                    augment: Callable[[torch.Tensor, list[str], torch.Generator], torch.Tensor] | None = None) -> dict:
     """Train ``model`` in place with the concept loss on (render, caption) pairs; returns metrics.
 
     ``device`` only moves the arithmetic (the crop offsets are drawn on the CPU either way).
-    ``augment(images01, generator)``: changes each batch's images before the loss (None: the world's
-    recipe, renders as they are)."""
+    ``augment(images01, captions, generator)``: changes each batch's images before the loss, knowing
+    their captions (None: the world's recipe, renders as they are)."""
     model.to(device)
     loss_fn = ConceptActivationLoss(model, processor, prefix=PREFIX, label_smoothing=LABEL_SMOOTHING)
     rng = np.random.default_rng(seed)
@@ -96,9 +96,10 @@ def train_captioner(model, processor, images: np.ndarray, captions: list[str], *
     for step in range(steps):
         idx = rng.integers(0, len(images), batch_size)
         batch = to_unit(images[idx])
+        texts = [captions[i] for i in idx]
         if augment is not None:
-            batch = augment(batch, gen)
-        loss = _training_loss(loss_fn, batch.to(device), [captions[i] for i in idx], gen)
+            batch = augment(batch, texts, gen)
+        loss = _training_loss(loss_fn, batch.to(device), texts, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
