@@ -182,6 +182,20 @@ def test_fingerprints(tiny_cache, tmp_path):
     assert loader.model_fingerprint(str(copy)) != before
 
 
+def test_a_model_retrained_in_place_gets_a_new_fingerprint(tiny_cache, tmp_path, monkeypatch):
+    """Same files, same sizes, new weights (a captioner retrained into its folder): a new key, whole or sampled."""
+    copy = shutil.copytree(tiny_cache["sam"], tmp_path / "sam")
+    weights = next(copy.glob("*.safetensors"))
+    for whole in (True, False):
+        monkeypatch.setattr(loader, "WHOLE_FILE_BYTES", 1 << 40 if whole else 0)
+        monkeypatch.setattr(loader, "BLOCK_BYTES", 16)
+        before = loader.model_fingerprint(str(copy))
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF  # the last byte: the sampled read covers the file's end
+        weights.write_bytes(bytes(data))
+        assert loader.model_fingerprint(str(copy)) != before
+
+
 def test_wrong_family_is_an_input_error(tiny_cache):
     with pytest.raises(InputError, match="StableDiffusionXLPipeline"):
         loader.load_sd_pipeline("tiny://sd15", "sdxl")

@@ -120,8 +120,8 @@ def resolve_model(name: str, field: str | None = None) -> str:
 def model_fingerprint(name: str) -> str:
     """A stable string that changes when the model behind ``name`` changes (part of stage keys).
 
-    tiny:// -> kind and builder version; local folder -> path plus a hash of its config files and
-    weight file names/sizes (not the weights themselves: too slow); Hub id -> the id.
+    tiny:// -> kind and builder version; local folder -> path plus a digest of its files' content
+    (``_folder_digest``); Hub id -> the id.
     """
     if is_tiny(name):
         return f"{TINY_SCHEME}{_tiny_kind(name)}@{builder_version()}"
@@ -133,15 +133,33 @@ def model_fingerprint(name: str) -> str:
     return name
 
 
+WHOLE_FILE_BYTES = 64 << 20  # files up to this size are hashed whole
+SAMPLED_BLOCKS, BLOCK_BYTES = 64, 64 << 10  # larger ones: this many blocks, evenly spread, first and last included
+
+
+def _file_content(file: Path, digest) -> None:
+    """Feed ``file``'s size and content into ``digest``: all of it when small, else evenly spread blocks.
+
+    Retraining a model in place rewrites every weight with the same sizes, so sizes alone would keep a
+    stale stage key; hashing a multi-gigabyte checkpoint whole at every key would cost seconds. 64
+    blocks of 64 KiB (4 MiB read) see any retraining or fine-tune merged into the weights."""
+    size = file.stat().st_size
+    digest.update(str(size).encode() + b"\0")
+    with file.open("rb") as handle:
+        if size <= WHOLE_FILE_BYTES:
+            digest.update(handle.read())
+            return
+        for k in range(SAMPLED_BLOCKS):
+            handle.seek((size - BLOCK_BYTES) * k // (SAMPLED_BLOCKS - 1))
+            digest.update(handle.read(BLOCK_BYTES))
+
+
 def _folder_digest(root: Path) -> str:
+    """A digest of every file under ``root``: its path and content (``_file_content``)."""
     digest = hashlib.sha256()
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        relative = file.relative_to(root).as_posix()
-        digest.update(relative.encode() + b"\0")
-        if file.suffix == ".json":
-            digest.update(file.read_bytes())
-        else:
-            digest.update(str(file.stat().st_size).encode())
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0")
+        _file_content(file, digest)
         digest.update(b"\0")
     return digest.hexdigest()[:16]
 
