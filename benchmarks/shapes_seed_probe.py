@@ -7,6 +7,7 @@ prompts with the base model and with a trained LoRA twice: from the training see
 index) and from other seeds (``--seeds``), and has the judge score every image.
 
     python benchmarks/shapes_seed_probe.py --storage /tmp/shapes-bench --train-key <key> [--world DIR]
+        [--checkpoint STEP]
 
 Reads the ``prompts``, ``gan_gt`` and ``train`` stage folders of that storage (the train stage names
 its inputs in its manifest). Prints binding / recall for base and tuned, per seed set, with 95 %
@@ -40,12 +41,31 @@ def paired_interval(delta_by_prompt: np.ndarray) -> list[float]:
     return list(bootstrap_ci({i: [float(d)] for i, d in enumerate(delta_by_prompt)}, samples=1000, seed=0))
 
 
+def load_tuned(pipe, train_dir: Path, checkpoint: int | None) -> None:
+    """The run's final LoRA into ``pipe``, or a kept checkpoint's (``checkpoints/step-NNNNNN``)."""
+    if checkpoint is None:
+        pipe.load_lora_weights(str(train_dir / "lora"))
+        return
+    from safetensors.torch import load_file
+
+    from comat_core.models.lora import add_lora, load_lora_state_dict
+
+    lora = json.loads((train_dir / "lora" / "comat.json").read_text())
+    add_lora(pipe.unet, lora["rank"], lora["alpha"], lora["target_modules"])
+    state = train_dir / "checkpoints" / f"step-{checkpoint:06d}" / "generator_lora.safetensors"
+    if not state.is_file():
+        raise SystemExit(f"no kept checkpoint at step {checkpoint}: {state} does not exist")
+    load_lora_state_dict(pipe.unet, load_file(state))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--storage", type=Path, required=True, help="a local storage root of a shapes run")
     parser.add_argument("--train-key", required=True, help="the train stage's key (folder name)")
     parser.add_argument("--world", type=Path, default=None, help="a world folder (default: the shipped one)")
     parser.add_argument("--seeds", default="0,1", help="other seeds per prompt (comma separated)")
+    parser.add_argument("--checkpoint", type=int, default=None,
+                        help="judge the LoRA of this kept checkpoint step instead of the final one")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--out", type=Path, default=None)
@@ -76,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         for model in ("base", "tuned"):
             if model == "tuned":
-                pipe.load_lora_weights(str(train_dir / "lora"))
+                load_tuned(pipe, train_dir, args.checkpoint)
             for name, seeds in seed_sets.items():
                 images = []
                 for i in range(0, len(prompts), 32):
