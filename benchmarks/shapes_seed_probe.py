@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         (bb, rb), (bt, rt) = by_model["base"], by_model["tuned"]
         report[name] = {"binding": [float(bb.mean()), float(bt.mean())], "binding_delta_ci95": paired_interval(bt - bb),
                         "recall": [float(rb.mean()), float(rt.mean())], "recall_delta_ci95": paired_interval(rt - rb),
-                        "prompts": len(prompts)}
+                        "prompts": len(prompts),
+                        # per prompt (one image each), so runs of several training seeds can be pooled
+                        "binding_per_prompt": {"base": bb.astype(int).tolist(), "tuned": bt.astype(int).tolist()}}
         print(f"{name:>15}: binding {bb.mean():.3f} -> {bt.mean():.3f} (delta CI {report[name]['binding_delta_ci95']}), "
               f"recall {rb.mean():.3f} -> {rt.mean():.3f} (delta CI {report[name]['recall_delta_ci95']})", flush=True)
     if args.out:
