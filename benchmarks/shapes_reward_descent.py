@@ -17,14 +17,19 @@ included) for ``--iters`` iterations; the judge reads the image at the checkpoin
 ``prompt`` (what CoMat does: does a wrong image become right, a right one stay right?) and
 ``swap`` (a control: the prompt with its two colours exchanged, from images of the prompt, for the
 prompts whose two objects differ in shape; does the gradient steer the image to what the captioner is
-asked for?). If the noise depth turns wrong images
-right, the reward is a binding gradient and the LoRA path loses it; if only the pixel depth moves
-the loss and nothing the judge reads, the reward is gamed before it reaches the UNet.
+asked for?). A reward whose gradient is a binding gradient turns wrong images right and keeps right
+ones at every depth it can descend; one that lowers its loss while the judge's verdicts stay (or
+churn) is satisfied by changes the judge does not count. (Measured: the noise depth cannot be
+descended at these step sizes, by any reward; ``benchmarks/RESULTS.md`` §9.)
+
+Rewards (``--reward``): the world's captioner (or ``--captioner DIR``), the judge oracle's pixel target
+(right at its minimum), or a verdict classifier distilled from the judge (``--verdict DIR``, from
+``benchmarks/shapes_verdict_pilot.py``).
 
 Usage::
 
     python benchmarks/shapes_reward_descent.py [--depths pixels,latent,noise] [--targets prompt,swap]
-        [--prompts 32] [--iters 40] [--reward captioner|judge] [--grid DIR] [--out F.json]
+        [--prompts 32] [--iters 40] [--reward captioner|judge|verdict] [--grid DIR] [--out F.json]
 
 One CPU thread: 15-45 seconds a run (depth and target) at the pixel and latent depths with 64 prompts
 and 40 iterations; 8-10 minutes at the noise depth with 32 prompts.
@@ -42,6 +47,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 DEPTHS = ("pixels", "latent", "noise")
 TARGETS = ("prompt", "swap")
@@ -178,9 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=32, help="held-out two-object prompts (the first N)")
     parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--lr", default="", help="depth=lr,... overriding the defaults " + str(LEARNING_RATES))
-    parser.add_argument("--reward", choices=("captioner", "judge"), default="captioner",
+    parser.add_argument("--reward", choices=("captioner", "judge", "verdict"), default="captioner",
                         help="captioner: CoMat's concept activation; judge: the judge oracle's pixel target "
-                             "(train.losses.concept_reward: shapes_judge), a reward right by construction")
+                             "(train.losses.concept_reward: shapes_judge), a reward right by construction; "
+                             "verdict: a classifier distilled from the judge (benchmarks/shapes_verdict_pilot.py)")
+    parser.add_argument("--verdict", type=Path, default=None, help="the verdict pilot's folder (--reward verdict)")
     parser.add_argument("--crop-max", type=int, default=2,
                         help="the captioner's random crop, 0..N px per side (train.losses.crop_max; 2 as in training)")
     parser.add_argument("--views", type=int, default=1,
@@ -212,11 +220,18 @@ def main(argv: list[str] | None = None) -> int:
         model.requires_grad_(False)
         loss_fn = ConceptActivationLoss(model, processor, prefix=PREFIX, label_smoothing=LABEL_SMOOTHING,
                                         crop_max=args.crop_max)
-    else:
+    elif args.reward == "judge":
         loss_fn = JudgeTargetLoss()
+    else:
+        if args.verdict is None:
+            parser.error("--reward verdict needs --verdict DIR (benchmarks/shapes_verdict_pilot.py OUT)")
+        from shapes_verdict_pilot import VerdictLoss, load_verdict
+
+        loss_fn = VerdictLoss(load_verdict(args.verdict))
     lrs = dict(LEARNING_RATES, **{k: float(v) for k, v in (kv.split("=") for kv in args.lr.split(",") if kv)})
     checkpoints = {0, args.iters // 4, args.iters // 2, args.iters}
     report = {"prompts": len(prompts), "iters": args.iters, "reward": args.reward, "learning_rates": lrs,
+              "verdict": str(args.verdict) if args.verdict else None,
               "captioner": str(args.captioner) if args.captioner else "the world's",
               "crop_max": args.crop_max, "views": args.views, "runs": {}}
     for depth in args.depths.split(","):

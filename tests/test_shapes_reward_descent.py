@@ -1,4 +1,4 @@
-"""The reward-descent probe (benchmarks/shapes_reward_descent.py): it must draw what the evaluation draws.
+"""The reward-descent probe (benchmarks/shapes_reward_descent.py) and the verdict pilot it can follow.
 
 The probe follows the captioner's gradient into the initial noise of the frozen evaluation sampler.
 Its figures mean something only if its differentiable sampler is the evaluation's sampler (the
@@ -8,6 +8,7 @@ control must not ask for the same scene when both objects share a shape.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -18,14 +19,17 @@ import torch
 BENCHMARKS = str(Path(__file__).parents[1] / "benchmarks")
 
 
+def _benchmark(name: str):
+    """Import a benchmark script as a module (fresh), with the benchmarks folder on the path while in use."""
+    sys.path.insert(0, BENCHMARKS)
+    sys.modules.pop(name, None)
+    yield importlib.import_module(name)
+    sys.path.remove(BENCHMARKS)
+
+
 @pytest.fixture(scope="module")
 def probe():
-    sys.path.insert(0, BENCHMARKS)
-    sys.modules.pop("shapes_reward_descent", None)
-    import shapes_reward_descent
-
-    yield shapes_reward_descent
-    sys.path.remove(BENCHMARKS)
+    yield from _benchmark("shapes_reward_descent")
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +76,34 @@ def test_the_captioner_gradient_reaches_the_initial_noise(probe, pipe):
 def test_the_swap_control_exchanges_colours_and_skips_same_shape_pairs(probe):
     assert probe.swapped("a red circle and a blue square") == "a blue circle and a red square"
     assert probe.swapped("a red circle and a blue circle") is None
+
+
+@pytest.fixture(scope="module")
+def verdict():
+    yield from _benchmark("shapes_verdict_pilot")
+
+
+def test_the_verdict_pilot_labels_what_the_judge_reads_and_its_reward_reaches_the_image(verdict):
+    """Its labels are the judge's reading of a render (the scene's pairs); its reward is the BCE against
+    the prompt's pairs, with a gradient on the image, and lower for the prompt the image's labels name."""
+    from comat_core.worlds.shapes.render import render, sample_scene
+
+    scene = sample_scene(np.random.default_rng(3), [("red", "circle"), ("blue", "square")])
+    image = render(scene)[0]
+    assert sorted(verdict.reading(image)) == [("blue", "square"), ("red", "circle")]
+    target = verdict.labels([verdict.reading(image)])
+    assert target.sum() == 2 and target[0, verdict.INDEX[("red", "circle")]] == 1
+
+    torch.manual_seed(0)
+    net = verdict.VerdictNet(width=8)
+    with torch.no_grad():  # a net that outputs exactly the labels' logits (+/-6) for every image
+        net.head.weight.zero_()
+        net.head.bias.copy_(target[0] * 12 - 6)
+    loss_fn = verdict.VerdictLoss(net)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255).requires_grad_(True)
+    right = loss_fn(x, ["a red circle and a blue square"])
+    swapped = loss_fn(x, ["a blue circle and a red square"])
+    assert right < swapped
+    net.head.weight.data.normal_()
+    loss_fn(x, ["a red circle and a blue square"]).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
