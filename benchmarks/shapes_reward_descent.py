@@ -67,40 +67,33 @@ def swapped(prompt: str) -> str | None:
 
 class FrozenSampler:
     """The evaluation sampler (DDPM, v-prediction, classifier-free guidance) as a differentiable function
-    of the initial noise, with the variance noise of every step drawn once from each image's seed."""
+    of the initial noise, with the variance noise of every step drawn once from each image's seed, in
+    the order the diffusers pipeline draws it. The posterior step is the trainer's (``DdpmSchedule``)."""
 
     def __init__(self, pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float):
         import torch
 
+        from comat_core.method.sampler import DdpmSchedule
+
         self.pipe, self.guidance = pipe, guidance
-        self.scheduler = pipe.scheduler
-        self.scheduler.set_timesteps(steps)
+        self.schedule = DdpmSchedule(pipe.scheduler, steps)
         with torch.no_grad():
             cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, True)
         self.context = torch.cat([uncond, cond])
         size = pipe.unet.config.sample_size
-        shape = (len(prompts), pipe.unet.config.in_channels, size, size)
+        shape = (pipe.unet.config.in_channels, size, size)
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        self.x_T = torch.stack([torch.randn(shape[1:], generator=g) for g in gens]) * self.scheduler.init_noise_sigma
-        self.variance = [torch.stack([torch.randn(shape[1:], generator=g) for g in gens])
-                         for _ in self.scheduler.timesteps]
+        self.x_T = torch.stack([torch.randn(shape, generator=g) for g in gens]) * self.schedule.init_noise_sigma
+        self.variance = [torch.stack([torch.randn(shape, generator=g) for g in gens])
+                         if self.schedule.needs_noise(i) else None for i in range(len(self.schedule))]
 
     def latent(self, x):
         """The clean latent the sampler ends in from initial noise ``x``."""
         import torch
 
-        s = self.scheduler
-        for i, t in enumerate(s.timesteps):
-            v = self.pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=self.context).sample
-            v_uncond, v_cond = v.chunk(2)
-            v = v_uncond + self.guidance * (v_cond - v_uncond)
-            prev = s.previous_timestep(t)
-            a_t = s.alphas_cumprod[t]
-            a_prev = s.alphas_cumprod[prev] if prev >= 0 else s.one
-            x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * v  # v-prediction
-            beta = 1 - a_t / a_prev
-            mean = (a_prev.sqrt() * beta / (1 - a_t)) * x0 + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a_t)) * x
-            x = mean + (((1 - a_prev) / (1 - a_t) * beta).sqrt() * self.variance[i] if t > 0 else 0)
+        for i, t in enumerate(self.schedule.timesteps):
+            v_uncond, v_cond = self.pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=self.context).sample.chunk(2)
+            x = self.schedule.step(v_uncond + self.guidance * (v_cond - v_uncond), i, x, self.variance[i])
         return x
 
     def image(self, latent):

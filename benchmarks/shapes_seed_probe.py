@@ -41,21 +41,27 @@ def paired_interval(delta_by_prompt: np.ndarray) -> list[float]:
     return list(bootstrap_ci({i: [float(d)] for i, d in enumerate(delta_by_prompt)}, samples=1000, seed=0))
 
 
-def load_tuned(pipe, train_dir: Path, checkpoint: int | None) -> None:
-    """The run's final LoRA into ``pipe``, or a kept checkpoint's (``checkpoints/step-NNNNNN``)."""
+def load_tuned(pipe, storage: Path, train_key: str, checkpoint: int | None) -> None:
+    """The run's final LoRA into ``pipe``, or the LoRA of a committed checkpoint of the train stage."""
+    train_dir = storage / "train" / train_key
     if checkpoint is None:
         pipe.load_lora_weights(str(train_dir / "lora"))
         return
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     from comat_core.models.lora import add_lora, load_lora_state_dict
+    from comat_core.store.checkpoint import committed_checkpoints
+    from comat_core.store.full_state import GENERATOR
+    from comat_core.store.storage import ArtifactStore
 
+    store = ArtifactStore(str(storage))
+    writer = store.writer("train", train_key)
+    kept = {ref.step: ref for ref in committed_checkpoints(writer)}
+    if checkpoint not in kept:
+        raise SystemExit(f"no committed checkpoint at step {checkpoint} in {train_dir} (kept: {sorted(kept)})")
     lora = json.loads((train_dir / "lora" / "comat.json").read_text())
     add_lora(pipe.unet, lora["rank"], lora["alpha"], lora["target_modules"])
-    state = train_dir / "checkpoints" / f"step-{checkpoint:06d}" / "generator_lora.safetensors"
-    if not state.is_file():
-        raise SystemExit(f"no kept checkpoint at step {checkpoint}: {state} does not exist")
-    load_lora_state_dict(pipe.unet, load_file(state))
+    load_lora_state_dict(pipe.unet, load(store.read_bytes(writer.path(f"{kept[checkpoint].folder}/{GENERATOR}"))))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         for model in ("base", "tuned"):
             if model == "tuned":
-                load_tuned(pipe, train_dir, args.checkpoint)
+                load_tuned(pipe, args.storage, args.train_key, args.checkpoint)
             for name, seeds in seed_sets.items():
                 images = []
                 for i in range(0, len(prompts), 32):

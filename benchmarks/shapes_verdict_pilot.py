@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from comat_core.worlds.shapes.base_model import reconstruct
     from comat_core.worlds.shapes.data import captioner_dataset
     from comat_core.worlds.shapes.measure import PROBE_SEED, category_prompts, generate, load_base
+    from comat_core.worlds.shapes.vocab import parse_prompt
 
     start = time.time()
     renders = captioner_dataset(args.renders, args.seed + 500).images
@@ -164,8 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     texts = [p for p in prompts for _ in range(4)]
     judged = [set(reading(im)) for im in held]
     read = read_set(model, held)
-    from comat_core.worlds.shapes.vocab import parse_prompt
-
     wanted = [set(parse_prompt(t).pairs()) for t in texts]
     judge_binding = np.array([judge.score(im, t).binding for im, t in zip(held, texts)])
     verdict_binding = np.array([r == w for r, w in zip(read, wanted)])

@@ -156,6 +156,7 @@ def curve(cfg, store) -> list[dict]:
     from comat_core.stages.evaluate.shapes import verdicts
     from comat_core.stages.registry import compute_key, stage_inputs, with_world_models
     from comat_core.store.checkpoint import committed_checkpoints
+    from comat_core.store.full_state import GENERATOR
 
     inputs = {n: store.reader(n, compute_key(cfg, store, n)) for n in stage_inputs(cfg, "train")}
     run_cfg = with_world_models(cfg, inputs)
@@ -169,7 +170,7 @@ def curve(cfg, store) -> list[dict]:
     points = []
     for step, state in [(0, None)] + [(c.step, c) for c in committed_checkpoints(writer)]:
         if state is not None:
-            load_lora_state_dict(pipe.unet, load(store.read_bytes(writer.path(f"{state.folder}/generator_lora.safetensors"))))
+            load_lora_state_dict(pipe.unet, load(store.read_bytes(writer.path(f"{state.folder}/{GENERATOR}"))))
         images = []
         for i in range(0, len(texts), ev.batch_size):
             images += draw(pipe, texts[i : i + ev.batch_size], seeds[i : i + ev.batch_size], resolution=ev.resolution,
