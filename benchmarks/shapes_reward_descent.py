@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.verdict is None:
             parser.error("--reward verdict needs --verdict DIR (benchmarks/shapes_verdict_pilot.py OUT)")
-        from shapes_verdict_pilot import VerdictLoss, load_verdict
+        from comat_core.worlds.shapes.verdict import VerdictLoss, load_verdict
 
         loss_fn = VerdictLoss(load_verdict(args.verdict))
     lrs = dict(LEARNING_RATES, **{k: float(v) for k, v in (kv.split("=") for kv in args.lr.split(",") if kv)})

@@ -16,7 +16,8 @@ the held-out two-object prompts (4 seeds each, the world's probe seeds).
     python benchmarks/shapes_verdict_pilot.py OUT [--renders 4096] [--generated-seeds 6] [--steps 3000]
 
 Writes ``OUT/verdict.safetensors`` and ``OUT/verdict.json`` (the check, the training loss, times). Use it
-as a reward with ``shapes_reward_descent.py --reward verdict --verdict OUT``.
+as a reward with ``shapes_reward_descent.py --reward verdict --verdict OUT``, or in training with
+``--set train.losses.concept_reward=shapes_verdict --set models.verdict=OUT``.
 """
 
 from __future__ import annotations
@@ -29,41 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from comat_core.worlds.shapes.splits import all_pairs  # noqa: E402
-
-PAIRS = all_pairs()
-INDEX = {pair: i for i, pair in enumerate(PAIRS)}
-
-
-class VerdictNet(nn.Module):
-    """Four strided convolutions and a linear head: an image in [0, 1] -> one logit per colour-shape pair."""
-
-    def __init__(self, width: int = 48):
-        super().__init__()
-        layers, channels = [], 3
-        for out, stride in ((width, 1), (width, 2), (2 * width, 2), (2 * width, 2)):
-            layers += [nn.Conv2d(channels, out, 3, stride, 1), nn.GroupNorm(8, out), nn.SiLU()]
-            channels = out
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(channels, len(PAIRS))
-
-    def forward(self, images01: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images01 * 2 - 1).mean(dim=(2, 3)))
-
-
-def labels(readings: list[list[tuple[str, str]]]) -> torch.Tensor:
-    """Multi-hot ``[N, 24]``: the pairs each image shows."""
-    out = torch.zeros(len(readings), len(PAIRS))
-    for row, pairs in enumerate(readings):
-        for pair in pairs:
-            out[row, INDEX[pair]] = 1.0
-    return out
+from comat_core.worlds.shapes.verdict import PAIRS, RECORD, WEIGHTS, VerdictNet, labels  # noqa: E402
 
 
 def reading(image: np.ndarray) -> list[tuple[str, str]]:
@@ -71,29 +43,6 @@ def reading(image: np.ndarray) -> list[tuple[str, str]]:
     from comat_core.worlds.shapes.judge import segment
 
     return [(f.colour, f.shape) for f in segment(image) if f.shape is not None]
-
-
-class VerdictLoss:
-    """``loss(images01, prompts, generator)``: BCE of the verdict net against each prompt's pairs (scalar);
-    the concept term's signature, so the descent probe can follow it in place of the captioner."""
-
-    def __init__(self, model: VerdictNet):
-        self.model = model
-
-    def __call__(self, images01: torch.Tensor, prompts: list[str], generator=None) -> torch.Tensor:
-        from comat_core.worlds.shapes.vocab import parse_prompt
-
-        target = labels([parse_prompt(p).pairs() for p in prompts]).to(images01.device)
-        return F.binary_cross_entropy_with_logits(self.model(images01.float()), target)
-
-
-def load_verdict(folder: Path) -> VerdictNet:
-    from safetensors.torch import load_file
-
-    config = json.loads((folder / "verdict.json").read_text())
-    model = VerdictNet(config["width"])
-    model.load_state_dict(load_file(folder / "verdict.safetensors"))
-    return model.eval().requires_grad_(False)
 
 
 def read_set(model: VerdictNet, images: np.ndarray) -> list[set]:
@@ -173,11 +122,11 @@ def main(argv: list[str] | None = None) -> int:
              "judge_binding": float(judge_binding.mean()), "verdict_binding": float(verdict_binding.mean())}
     print(json.dumps(check), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    save_file(model.state_dict(), args.out / "verdict.safetensors")
+    save_file(model.state_dict(), args.out / WEIGHTS)
     record = {"width": args.width, "renders": args.renders, "generated": len(generated), "steps": args.steps,
               "loss": avg, "train_seconds": round(time.time() - t0, 1), "data_seconds": round(data_seconds, 1),
               "check_on_heldout_base_images": check}
-    (args.out / "verdict.json").write_text(json.dumps(record, indent=1) + "\n")
+    (args.out / RECORD).write_text(json.dumps(record, indent=1) + "\n")
     return 0
 
 

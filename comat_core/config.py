@@ -119,6 +119,9 @@ class ModelsConfig(_Section):
     sam: str = "facebook/sam-vit-huge"
     sam_checkpoint: str | None = Field(None, description="gsam backend: segment_anything .pth checkpoint (e.g. sam_vit_h_4b8939.pth)")
     sam_model_type: Literal["vit_h", "vit_l", "vit_b", "tiny"] = "vit_h"
+    verdict: str | None = Field(
+        None, description="shapes world diagnostics only: a folder holding a verdict classifier "
+                          "(benchmarks/shapes_verdict_pilot.py), read by train.losses.concept_reward=shapes_verdict")
     discriminator: str = Field(
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
         description="SD1.5-architecture model whose UNet initialises the discriminator (the reference: SD1.5's)")
@@ -187,10 +190,12 @@ class LoraConfig(_Section):
 
 class LossConfig(_Section):
     concept_weight: float = Field(1.0, ge=0)
-    concept_reward: Literal["captioner", "shapes_judge"] = Field(
+    concept_reward: Literal["captioner", "shapes_judge", "shapes_verdict"] = Field(
         "captioner", description="what the concept term scores. captioner (CoMat): the captioner's loss for the prompt. "
                                  "shapes_judge (a diagnostic of the shapes world, never CoMat): the squared error to the "
-                                 "judge's corrected image, right at its minimum (comat_core/worlds/shapes/oracle.py)")
+                                 "judge's corrected image, right at its minimum (comat_core/worlds/shapes/oracle.py). "
+                                 "shapes_verdict (a diagnostic too): the BCE of a classifier distilled from the judge "
+                                 "(models.verdict; comat_core/worlds/shapes/verdict.py)")
     token_weight: float = Field(1e-3, ge=0)
     pixel_weight: float = Field(5e-5, ge=0)
     gan_weight: float = Field(1.0, ge=0, description="1.0 for SD1.5, 0.5 for SDXL (docs/method.md §5)")
@@ -426,6 +431,13 @@ class ComatConfig(_Section):
         if self.train.losses.concept_reward == "shapes_judge" and self.world.kind != "shapes":
             raise ValueError("train.losses.concept_reward=shapes_judge scores images with the shapes world's judge; "
                              "it needs world.kind=shapes (the shapes preset)")
+        if self.train.losses.concept_reward == "shapes_verdict":
+            if self.world.kind != "shapes":
+                raise ValueError("train.losses.concept_reward=shapes_verdict scores shapes-world images; it needs "
+                                 "world.kind=shapes (the shapes preset)")
+            if not self.models.verdict:
+                raise ValueError("train.losses.concept_reward=shapes_verdict needs models.verdict: the folder "
+                                 "benchmarks/shapes_verdict_pilot.py OUT wrote")
         return self
 
 

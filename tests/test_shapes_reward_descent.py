@@ -87,19 +87,20 @@ def test_the_verdict_pilot_labels_what_the_judge_reads_and_its_reward_reaches_th
     """Its labels are the judge's reading of a render (the scene's pairs); its reward is the BCE against
     the prompt's pairs, with a gradient on the image, and lower for the prompt the image's labels name."""
     from comat_core.worlds.shapes.render import render, sample_scene
+    from comat_core.worlds.shapes.verdict import INDEX, VerdictLoss, VerdictNet, labels
 
     scene = sample_scene(np.random.default_rng(3), [("red", "circle"), ("blue", "square")])
     image = render(scene)[0]
     assert sorted(verdict.reading(image)) == [("blue", "square"), ("red", "circle")]
-    target = verdict.labels([verdict.reading(image)])
-    assert target.sum() == 2 and target[0, verdict.INDEX[("red", "circle")]] == 1
+    target = labels([verdict.reading(image)])
+    assert target.sum() == 2 and target[0, INDEX[("red", "circle")]] == 1
 
     torch.manual_seed(0)
-    net = verdict.VerdictNet(width=8)
+    net = VerdictNet(width=8)
     with torch.no_grad():  # a net that outputs exactly the labels' logits (+/-6) for every image
         net.head.weight.zero_()
         net.head.bias.copy_(target[0] * 12 - 6)
-    loss_fn = verdict.VerdictLoss(net)
+    loss_fn = VerdictLoss(net)
     x = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255).requires_grad_(True)
     right = loss_fn(x, ["a red circle and a blue square"])
     swapped = loss_fn(x, ["a blue circle and a red square"])

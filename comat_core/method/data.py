@@ -32,7 +32,8 @@ class TrainingSources:
     the sample indices stored for a prompt. ``segment(images, records, resolution)`` segments online
     images into, per image, its ``EntityMask`` list at ``resolution`` (online masks, or None).
     ``concept(images01, prompts, generator) -> scalar``: a concept term in place of the captioner's
-    (the shapes world's judge oracle, ``train.losses.concept_reward: shapes_judge``), or None.
+    (the shapes world's judge oracle, ``train.losses.concept_reward: shapes_judge``, or its verdict
+    classifier, ``shapes_verdict``), or None.
     """
 
     prompts: list[dict]

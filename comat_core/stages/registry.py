@@ -96,10 +96,13 @@ SEGMENTER_MODELS = ("grounding_dino", "sam", "sam_checkpoint", "sam_model_type")
 
 def stage_models(cfg: ComatConfig, stage: str) -> tuple[str, ...]:
     """The ``models.*`` fields a stage loads under this config: its own, plus the segmenter's for a train
-    stage that segments its online images (``train.masks: online``)."""
+    stage that segments its online images (``train.masks: online``) and the verdict classifier for one
+    whose concept term it scores (``train.losses.concept_reward: shapes_verdict``)."""
     models = STAGES[stage].models
     if stage == "train" and not cfg.train.offline_masks:
         models += SEGMENTER_MODELS
+    if stage == "train" and cfg.train.losses.concept_reward == "shapes_verdict":
+        models += ("verdict",)  # the classifier's weights are the reward: their content enters the key
     return models
 
 

@@ -55,6 +55,11 @@ def training_sources(cfg, records: list[dict], gt, masks=None) -> TrainingSource
         from comat_core.worlds.shapes.oracle import JudgeTargetLoss
 
         concept = JudgeTargetLoss()
+    elif tc.losses.concept_reward == "shapes_verdict":
+        from comat_core.models.loader import resolve_model
+        from comat_core.worlds.shapes.verdict import VerdictLoss, load_verdict
+
+        concept = VerdictLoss(load_verdict(resolve_model(cfg.models.verdict, "models.verdict")))
     return TrainingSources(records, gt.latents, entity_masks, seeds=seeds, samples=gt.samples, segment=segment,
                            concept=concept)
 
